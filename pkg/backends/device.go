@@ -1,0 +1,100 @@
+// Package backends defines the block device interface every backend and
+// filter implements, and the volume spec ("export name") that names a
+// whole stack of them.
+package backends
+
+import (
+	"context"
+	"fmt"
+	"syscall"
+)
+
+// Device is one layer of a volume: a backend (the data source) or a filter
+// wrapping another Device. Offsets and lengths are in bytes; callers (the NBD
+// server) have already checked that every range lies inside [0, Size()), so
+// implementations need not re-check, but must stay safe if they are wrong.
+//
+// Every method may be called concurrently from many goroutines. Errors should
+// wrap a syscall.Errno where one fits (EPERM, ENOSPC, EINVAL, ENOTSUP, EIO…):
+// the server maps them onto the protocol's error codes, anything else is EIO.
+type Device interface {
+	// Size is the device size in bytes; it does not change while open.
+	Size() uint64
+	// Caps says what the device can do. It is constant while open.
+	Caps() Caps
+
+	// ReadAt fills p from offset off.
+	ReadAt(ctx context.Context, p []byte, off uint64) error
+	// WriteAt writes p at off. With fua set it returns only once the data
+	// is durable (as if followed by Flush).
+	WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error
+	// Flush makes every completed write durable.
+	Flush(ctx context.Context) error
+	// Trim hints that the range is no longer needed; reads of it may then
+	// return anything (they return zeros for every backend we ship).
+	Trim(ctx context.Context, off, length uint64, fua bool) error
+	// Zero makes the range read as zeros. ZeroNoHole asks that space stay
+	// allocated; ZeroFast asks to fail with ENOTSUP at once rather than be
+	// slower than writing zeros.
+	Zero(ctx context.Context, off, length uint64, flags ZeroFlags) error
+	// Extents reports allocation status for [off, off+length): it calls
+	// add with consecutive extents starting at off, and may stop early
+	// (after at least one extent) or report past the end of the range.
+	Extents(ctx context.Context, off, length uint64, add func(Extent)) error
+	// Cache hints that the range will be read soon (prefetch); devices
+	// without a cache may treat it as a no-op.
+	Cache(ctx context.Context, off, length uint64) error
+	// Close releases the device. It flushes what a Flush would.
+	Close() error
+}
+
+// Caps are the capabilities a device answers for; a filter may turn one off
+// for everything beneath it (nbdkit's can_* questions).
+type Caps struct {
+	ReadOnly  bool // writes, trims and zeroes fail with EPERM
+	Flush     bool // Flush does something useful (else a no-op)
+	FUA       bool // native FUA (else the server emulates it with Flush)
+	Trim      bool
+	Zero      bool // efficient Zero (else the server still offers it)
+	FastZero  bool // Zero with ZeroFast can succeed
+	Extents   bool // Extents reports real holes
+	Cache     bool // Cache does real prefetching
+	MultiConn bool // a Flush on one connection covers writes completed on all
+	// Rotational hints that seeks are expensive.
+	Rotational bool
+	// MinBlock, PrefBlock and MaxBlock are the block size constraints
+	// (0 means the server default: 1, 4096, 32 MiB).
+	MinBlock, PrefBlock, MaxBlock uint32
+}
+
+// ZeroFlags modify Zero.
+type ZeroFlags uint8
+
+const (
+	ZeroFUA    ZeroFlags = 1 << iota // durable on return
+	ZeroNoHole                       // keep the range allocated
+	ZeroFast                         // fail fast with ENOTSUP if not cheap
+)
+
+// ExtentFlags describe an extent; the values match NBD's base:allocation.
+type ExtentFlags uint32
+
+const (
+	ExtentHole ExtentFlags = 1 << 0 // not allocated
+	ExtentZero ExtentFlags = 1 << 1 // reads as zeros
+)
+
+// Extent is a run of bytes sharing one status.
+type Extent struct {
+	Length uint64
+	Flags  ExtentFlags
+}
+
+// Errors with a protocol meaning. They wrap syscall errnos so callers can
+// test for either.
+var (
+	ErrReadOnly     = fmt.Errorf("device is read-only: %w", syscall.EPERM)
+	ErrNotSupported = fmt.Errorf("operation not supported: %w", syscall.ENOTSUP)
+	ErrNoSpace      = fmt.Errorf("no space left: %w", syscall.ENOSPC)
+	ErrInvalid      = fmt.Errorf("invalid request: %w", syscall.EINVAL)
+)
