@@ -1,0 +1,607 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sync/semaphore"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-nbd/csi-nbd/pkg/backends"
+)
+
+// serverConn is one client connection: the handshake, then a reader
+// goroutine that parses requests and hands them to a pool of workers that
+// call the device and queue replies.
+type serverConn struct {
+	srv    *Server
+	remote string
+	br     *bufio.Reader
+
+	mu       sync.Mutex // guards conn (replaced by STARTTLS) against stop
+	conn     net.Conn
+	stopping atomic.Bool
+
+	structured bool
+	metaAlloc  bool
+
+	// Transmission state, fixed once the export is chosen.
+	ctx        context.Context
+	dev        backends.Device
+	caps       backends.Caps
+	size       uint64
+	readOnly   bool
+	minBlock   uint32
+	maxPayload uint32
+
+	reqs     chan *request
+	workers  int
+	idle     atomic.Int32
+	inflight sync.WaitGroup
+	mem      *semaphore.Weighted
+	out      replyWriter
+}
+
+// request is one parsed NBD request; pooled.
+type request struct {
+	flags  uint16
+	typ    uint16
+	cookie uint64
+	off    uint64
+	length uint32
+	buf    *[]byte // WRITE payload
+	weight int64   // bytes held against the connection's budget
+}
+
+var requestPool = sync.Pool{New: func() any { return new(request) }}
+
+func newServerConn(s *Server, conn net.Conn) *serverConn {
+	return &serverConn{
+		srv:    s,
+		conn:   conn,
+		remote: remoteName(conn),
+		br:     bufio.NewReaderSize(conn, 128<<10),
+	}
+}
+
+func remoteName(conn net.Conn) string {
+	if a := conn.RemoteAddr(); a != nil && a.String() != "" {
+		return a.Network() + ":" + a.String()
+	}
+	if a := conn.LocalAddr(); a != nil {
+		return a.Network() + ":" + a.String()
+	}
+	return "unknown"
+}
+
+// stop asks the connection to finish what it has in flight and close.
+func (c *serverConn) stop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.stopping.Store(true)
+	_ = c.conn.SetReadDeadline(time.Now())
+}
+
+// setDeadline sets the connection deadline unless stop already expired it.
+func (c *serverConn) setDeadline(t time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stopping.Load() {
+		t = time.Now()
+	}
+	_ = c.conn.SetDeadline(t)
+}
+
+func (c *serverConn) serve(ctx context.Context) {
+	log := logConn(c)
+	defer func() {
+		if r := recover(); r != nil {
+			log.Error(fmt.Errorf("panic: %v", r), "NBD connection failed", "stack", string(debug.Stack()))
+		}
+		c.conn.Close()
+	}()
+	exp, release, err := c.negotiate(ctx)
+	if err != nil {
+		if !errors.Is(err, errHardDisconnect) && !errors.Is(err, io.EOF) && !c.stopping.Load() {
+			log.V(1).Info("NBD negotiation ended", "err", err)
+		}
+		return
+	}
+	defer release()
+	c.transmit(ctx, exp)
+}
+
+// ServeTransmission serves conn with no handshake: the peer (the kernel's
+// nbd driver) already knows the export. It returns when the peer
+// disconnects or the server shuts down.
+func (s *Server) ServeTransmission(ctx context.Context, conn net.Conn, exp *Export) {
+	c := newServerConn(s, conn)
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		conn.Close()
+		return
+	}
+	s.conns[c] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		s.wg.Done()
+		conn.Close()
+	}()
+	c.transmit(ctx, exp)
+}
+
+// exportFlags returns the size and transmission flags advertised for exp.
+func (c *serverConn) exportFlags(exp *Export, structured bool) (uint64, uint16) {
+	caps := exp.Device.Caps()
+	f := uint16(FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendCache)
+	if exp.ReadOnly || caps.ReadOnly {
+		// Nothing can change, so every connection sees the same data.
+		f |= FlagReadOnly | FlagCanMultiConn
+	} else {
+		f |= FlagSendWriteZeroes
+		if caps.Trim {
+			f |= FlagSendTrim
+		}
+		if caps.FastZero {
+			f |= FlagSendFastZero
+		}
+		if caps.MultiConn {
+			f |= FlagCanMultiConn
+		}
+	}
+	if structured {
+		f |= FlagSendDF
+	}
+	if caps.Rotational {
+		f |= FlagRotational
+	}
+	return exp.Device.Size(), f
+}
+
+// blockSizes returns the advertised minimum, preferred and maximum sizes.
+func blockSizes(caps backends.Caps) (minB, prefB, maxB uint32) {
+	minB, prefB, maxB = caps.MinBlock, caps.PrefBlock, caps.MaxBlock
+	if minB == 0 {
+		minB = 1
+	}
+	if prefB == 0 {
+		prefB = 4096
+	}
+	prefB = max(prefB, minB)
+	if maxB == 0 || maxB > DefaultMaxPayload {
+		maxB = DefaultMaxPayload
+	}
+	maxB = max(maxB, prefB)
+	return minB, prefB, maxB
+}
+
+func (c *serverConn) transmit(ctx context.Context, exp *Export) {
+	log := logConn(c)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	c.ctx = ctx
+	c.dev = exp.Device
+	c.caps = exp.Device.Caps()
+	c.size = exp.Device.Size()
+	c.readOnly = exp.ReadOnly || c.caps.ReadOnly
+	c.minBlock, _, c.maxPayload = blockSizes(c.caps)
+	c.reqs = make(chan *request, c.srv.cfg.MaxInFlight)
+	c.mem = semaphore.NewWeighted(c.srv.cfg.MaxBufferedBytes)
+	c.out.w = c.conn
+	c.out.release = c.mem.Release
+	log.V(2).Info("NBD transmission started", "size", c.size, "structured", c.structured)
+
+	err := c.readLoop(ctx)
+	graceful := err == nil || (c.stopping.Load() && isTimeout(err))
+	if !graceful {
+		// Nobody will read the replies still in flight: fail their
+		// writes at once rather than wait on a dead peer.
+		c.conn.Close()
+	}
+	c.inflight.Wait()
+	close(c.reqs)
+	switch {
+	case graceful:
+		log.V(2).Info("NBD connection closed")
+	case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed), errors.Is(err, syscall.ECONNRESET):
+		log.V(2).Info("NBD client went away", "err", err)
+	default:
+		log.Info("NBD connection dropped", "err", err)
+	}
+}
+
+func isTimeout(err error) bool {
+	return errors.Is(err, os.ErrDeadlineExceeded)
+}
+
+// readLoop parses requests until NBD_CMD_DISC (nil), a broken stream or
+// shutdown.
+func (c *serverConn) readLoop(ctx context.Context) error {
+	var hdr [requestHeaderSize]byte
+	for {
+		if c.stopping.Load() {
+			return nil
+		}
+		if err := c.out.failed(); err != nil {
+			return fmt.Errorf("writing replies: %w", err)
+		}
+		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
+			if c.stopping.Load() && isTimeout(err) {
+				return nil
+			}
+			return err
+		}
+		if m := binary.BigEndian.Uint32(hdr[0:]); m != requestMagic {
+			return fmt.Errorf("bad request magic %#x: closing the connection", m)
+		}
+		r := requestPool.Get().(*request)
+		*r = request{
+			flags:  binary.BigEndian.Uint16(hdr[4:]),
+			typ:    binary.BigEndian.Uint16(hdr[6:]),
+			cookie: binary.BigEndian.Uint64(hdr[8:]),
+			off:    binary.BigEndian.Uint64(hdr[16:]),
+			length: binary.BigEndian.Uint32(hdr[24:]),
+		}
+		if r.typ == CmdDisc {
+			requestPool.Put(r)
+			return nil
+		}
+		errno, msg := c.validate(r)
+		if r.typ == CmdWrite {
+			if errno != 0 {
+				// Skip the payload to keep the stream in step; one too
+				// large to be honest ends the connection instead.
+				if r.length > 2*DefaultMaxPayload {
+					requestPool.Put(r)
+					return fmt.Errorf("write of %d bytes is far over the limit: closing the connection", r.length)
+				}
+				if _, err := io.CopyN(io.Discard, c.br, int64(r.length)); err != nil {
+					requestPool.Put(r)
+					return err
+				}
+			} else {
+				r.weight = int64(r.length)
+				if err := c.mem.Acquire(ctx, r.weight); err != nil {
+					requestPool.Put(r)
+					return err
+				}
+				r.buf = getBuf(int(r.length))
+				if _, err := io.ReadFull(c.br, *r.buf); err != nil {
+					c.mem.Release(r.weight)
+					putBuf(r.buf)
+					requestPool.Put(r)
+					return err
+				}
+			}
+		}
+		if errno != 0 {
+			c.replyError(r, errno, msg)
+			requestPool.Put(r)
+			continue
+		}
+		if r.typ == CmdRead {
+			r.weight = int64(r.length)
+			if err := c.mem.Acquire(ctx, r.weight); err != nil {
+				requestPool.Put(r)
+				return err
+			}
+		}
+		c.dispatch(r)
+	}
+}
+
+// validate checks a request against the protocol and the export. A nonzero
+// errno is replied without touching the device.
+func (c *serverConn) validate(r *request) (uint32, string) {
+	var allowed uint16 = CmdFlagFUA
+	switch r.typ {
+	case CmdRead:
+		if c.structured {
+			allowed |= CmdFlagDF
+		}
+	case CmdWrite, CmdTrim, CmdFlush, CmdCache:
+	case CmdWriteZeroes:
+		allowed |= CmdFlagNoHole
+		if c.caps.FastZero {
+			allowed |= CmdFlagFastZero
+		}
+	case CmdBlockStatus:
+		allowed |= CmdFlagReqOne
+	default:
+		return EINVAL, fmt.Sprintf("unknown command %d", r.typ)
+	}
+	if r.flags&^allowed != 0 {
+		return EINVAL, fmt.Sprintf("invalid flags %#x for command %d", r.flags, r.typ)
+	}
+	if r.typ == CmdFlush {
+		if r.off != 0 || r.length != 0 {
+			return EINVAL, "flush with nonzero offset or length"
+		}
+		return 0, ""
+	}
+	if r.length == 0 {
+		return EINVAL, "zero-length request"
+	}
+	if r.off > c.size || uint64(r.length) > c.size-r.off {
+		if r.typ == CmdWrite || r.typ == CmdWriteZeroes {
+			return ENOSPC, "request beyond the end of the export"
+		}
+		return EINVAL, "request beyond the end of the export"
+	}
+	if c.minBlock > 1 && (r.off%uint64(c.minBlock) != 0 || r.length%c.minBlock != 0) {
+		return EINVAL, fmt.Sprintf("request not aligned to the minimum block size %d", c.minBlock)
+	}
+	switch r.typ {
+	case CmdRead, CmdWrite:
+		if r.length > c.maxPayload {
+			return EINVAL, fmt.Sprintf("request of %d bytes exceeds the maximum payload %d", r.length, c.maxPayload)
+		}
+	}
+	switch r.typ {
+	case CmdWrite, CmdTrim, CmdWriteZeroes:
+		if c.readOnly {
+			return EPERM, "export is read-only"
+		}
+	}
+	if r.typ == CmdTrim && !c.caps.Trim {
+		return EINVAL, "trim is not supported by this export"
+	}
+	if r.typ == CmdBlockStatus && !c.metaAlloc {
+		return EINVAL, "block status without a negotiated meta context"
+	}
+	return 0, ""
+}
+
+func (c *serverConn) dispatch(r *request) {
+	c.inflight.Add(1)
+	c.reqs <- r
+	// Grow the pool when nobody is idle; workers live as long as the
+	// connection, so a steady queue depth costs no goroutine creation.
+	if c.idle.Load() == 0 && c.workers < c.srv.cfg.MaxInFlight {
+		c.workers++
+		go c.worker()
+	}
+}
+
+func (c *serverConn) worker() {
+	for {
+		c.idle.Add(1)
+		r, ok := <-c.reqs
+		c.idle.Add(-1)
+		if !ok {
+			return
+		}
+		c.handle(r)
+		requestPool.Put(r)
+		c.inflight.Done()
+	}
+}
+
+// handle runs one validated request against the device and queues its
+// reply. A panicking device becomes an EIO reply, never a dead process.
+func (c *serverConn) handle(r *request) {
+	defer func() {
+		if p := recover(); p != nil {
+			logConn(c).Error(fmt.Errorf("panic: %v", p), "Device panicked", "command", r.typ, "stack", string(debug.Stack()))
+			if r.buf != nil {
+				putBuf(r.buf)
+				r.buf = nil
+			}
+			if r.weight > 0 {
+				c.mem.Release(r.weight)
+				r.weight = 0
+			}
+			c.replyError(r, EIO, "internal server error")
+		}
+	}()
+	ctx := c.ctx
+	fua := r.flags&CmdFlagFUA != 0
+	var err error
+	switch r.typ {
+	case CmdRead:
+		c.read(r)
+		return
+	case CmdWrite:
+		err = c.dev.WriteAt(ctx, *r.buf, r.off, fua && c.caps.FUA)
+		putBuf(r.buf)
+		r.buf = nil
+		c.mem.Release(r.weight)
+		r.weight = 0
+	case CmdFlush:
+		err = c.dev.Flush(ctx)
+		fua = false
+	case CmdTrim:
+		err = c.dev.Trim(ctx, r.off, uint64(r.length), fua && c.caps.FUA)
+	case CmdWriteZeroes:
+		var zf backends.ZeroFlags
+		if fua && c.caps.FUA {
+			zf |= backends.ZeroFUA
+		}
+		if r.flags&CmdFlagNoHole != 0 {
+			zf |= backends.ZeroNoHole
+		}
+		if r.flags&CmdFlagFastZero != 0 {
+			zf |= backends.ZeroFast
+		}
+		err = c.dev.Zero(ctx, r.off, uint64(r.length), zf)
+	case CmdCache:
+		err = c.dev.Cache(ctx, r.off, uint64(r.length))
+		fua = false
+	case CmdBlockStatus:
+		c.blockStatus(r)
+		return
+	}
+	if err == nil && fua && !c.caps.FUA {
+		// Emulated FUA: the device has no cheaper way to make one
+		// write durable.
+		err = c.dev.Flush(ctx)
+	}
+	if err != nil {
+		c.replyDeviceError(r, err)
+		return
+	}
+	var m outMsg
+	m.simple(r.cookie, 0)
+	c.out.send(&m)
+}
+
+func (c *serverConn) read(r *request) {
+	buf := getBuf(int(r.length))
+	if err := c.dev.ReadAt(c.ctx, *buf, r.off); err != nil {
+		putBuf(buf)
+		c.mem.Release(r.weight)
+		r.weight = 0
+		c.replyDeviceError(r, err)
+		return
+	}
+	var m outMsg
+	if c.structured {
+		m.chunk(r.cookie, replyFlagDone, replyTypeOffsetData, 8+r.length)
+		binary.BigEndian.PutUint64(m.hdr[structuredHeaderSize:], r.off)
+		m.hn += 8
+	} else {
+		m.simple(r.cookie, 0)
+	}
+	m.data, m.pooled, m.weight = *buf, buf, r.weight
+	r.weight = 0
+	c.out.send(&m)
+}
+
+// maxDescriptors bounds one block status reply (proto.md allows 2^20; a
+// tenth of that keeps a reply under 1 MiB).
+const maxDescriptors = 1 << 17
+
+func (c *serverConn) blockStatus(r *request) {
+	end := r.off + uint64(r.length)
+	pos := r.off
+	buf := getBuf(4 + 8*64)
+	b := append((*buf)[:0], 0, 0, 0, 0)
+	binary.BigEndian.PutUint32(b, allocationContextID)
+	n := 0
+	limit := maxDescriptors
+	if r.flags&CmdFlagReqOne != 0 {
+		limit = 1
+	}
+	var lastFlags uint32
+	add := func(e backends.Extent) {
+		if pos >= end || e.Length == 0 {
+			return
+		}
+		l := min(e.Length, end-pos)
+		f := uint32(e.Flags) & uint32(backends.ExtentHole|backends.ExtentZero)
+		if n > 0 && f == lastFlags {
+			// Merge runs with the same status; lengths stay below 2^32
+			// because the request length does.
+			i := len(b) - 8
+			binary.BigEndian.PutUint32(b[i:], binary.BigEndian.Uint32(b[i:])+uint32(l))
+		} else {
+			if n >= limit {
+				pos = end
+				return
+			}
+			b = binary.BigEndian.AppendUint32(b, uint32(l))
+			b = binary.BigEndian.AppendUint32(b, f)
+			n++
+			lastFlags = f
+		}
+		pos += l
+	}
+	var err error
+	if c.caps.Extents {
+		err = c.dev.Extents(c.ctx, r.off, uint64(r.length), add)
+	} else {
+		add(backends.Extent{Length: uint64(r.length)})
+	}
+	if err == nil && n == 0 {
+		err = fmt.Errorf("device reported no extents: %w", syscall.EIO)
+	}
+	if err != nil {
+		if cap(b) <= cap(*buf) {
+			putBuf(buf)
+		}
+		c.replyDeviceError(r, err)
+		return
+	}
+	if cap(b) > cap(*buf) {
+		// append outgrew the pooled buffer; the new one is garbage-collected.
+		putBuf(buf)
+		buf = nil
+	}
+	var m outMsg
+	m.chunk(r.cookie, replyFlagDone, replyTypeBlockStatus, uint32(len(b)))
+	m.data, m.pooled = b, buf
+	c.out.send(&m)
+}
+
+// replyDeviceError logs a device failure and replies with its errno.
+func (c *serverConn) replyDeviceError(r *request, err error) {
+	errno := errnoOf(err)
+	if errno == EIO || klog.V(2).Enabled() {
+		logConn(c).Info("Request failed", "command", r.typ, "offset", r.off, "length", r.length, "err", err)
+	}
+	c.replyError(r, errno, err.Error())
+}
+
+// replyError sends an error: a structured error chunk with a message when
+// structured replies are on (required for READ), else a simple reply.
+func (c *serverConn) replyError(r *request, errno uint32, msg string) {
+	var m outMsg
+	if !c.structured {
+		m.simple(r.cookie, errno)
+		c.out.send(&m)
+		return
+	}
+	if len(msg) > 1024 {
+		msg = msg[:1024]
+	}
+	m.chunk(r.cookie, replyFlagDone, replyTypeError, uint32(6+len(msg)))
+	binary.BigEndian.PutUint32(m.hdr[structuredHeaderSize:], errno)
+	binary.BigEndian.PutUint16(m.hdr[structuredHeaderSize+4:], uint16(len(msg)))
+	m.hn += 6
+	m.data = []byte(msg)
+	c.out.send(&m)
+}
+
+// errnoOf maps a device error onto the protocol's error numbers.
+func errnoOf(err error) uint32 {
+	var errno syscall.Errno
+	switch {
+	case errors.As(err, &errno):
+		switch errno {
+		case syscall.EPERM, syscall.EROFS, syscall.EACCES:
+			return EPERM
+		case syscall.ENOMEM:
+			return ENOMEM
+		case syscall.EINVAL:
+			return EINVAL
+		case syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG:
+			return ENOSPC
+		case syscall.EOVERFLOW:
+			return EOVERFLOW
+		case syscall.ENOTSUP:
+			return ENOTSUP
+		case syscall.ESHUTDOWN:
+			return ESHUTDOWN
+		}
+		return EIO
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return ESHUTDOWN
+	}
+	return EIO
+}
