@@ -1,0 +1,9 @@
+// Package all links in every backend and filter: a binary imports it once
+// (for its side effects) instead of listing them. Add new backend and
+// filter packages here.
+package all
+
+import (
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/data"   // data: URIs
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/memory" // sparse RAM disks
+)

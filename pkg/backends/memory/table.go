@@ -1,0 +1,223 @@
+package memory
+
+import (
+	"bytes"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+)
+
+// The volume is a sparse radix table of fixed pages, so a huge volume
+// costs nothing until written:
+//
+//	top []*mid  --(midShift bits)-->  *leaf  --(leafShift bits)-->  *page
+//
+// Only top is allocated at Open (8 bytes per 4 TiB of size); mids and
+// leaves appear on first write to their range and go again when a trim
+// covers them whole. Table pointers are atomics so lookups need no lock.
+// Page contents are guarded by a striped RWMutex chosen by page index,
+// which keeps connections touching different pages out of each other's
+// way while making concurrent access to one page race-free.
+const (
+	pageShift = 16 // 64 KiB pages
+	pageSize  = 1 << pageShift
+	leafShift = 12 // pages per leaf: a leaf spans 256 MiB and weighs 32 KiB
+	leafFan   = 1 << leafShift
+	midShift  = 14 // leaves per mid: a mid spans 4 TiB and weighs 128 KiB
+	midFan    = 1 << midShift
+
+	leafBytes = pageSize << leafShift
+	midBytes  = leafBytes << midShift
+
+	stripes = 512 // page lock stripes
+)
+
+type (
+	page [pageSize]byte
+	leaf [leafFan]atomic.Pointer[page]
+	mid  [midFan]atomic.Pointer[leaf]
+)
+
+// stripe is a lock padded to its own cache line so neighbours don't
+// false-share.
+type stripe struct {
+	sync.RWMutex
+	_ [64 - unsafe.Sizeof(sync.RWMutex{})%64]byte
+}
+
+// zeroPage is compared against to detect all-zero data.
+var zeroPage page
+
+// isZero reports whether b (at most a page) is all zeros.
+func isZero(b []byte) bool { return bytes.Equal(b, zeroPage[:len(b)]) }
+
+type table struct {
+	top    []atomic.Pointer[mid]
+	npages uint64 // pages in the volume; the last mid may extend past them
+	locks  [stripes]stripe
+}
+
+func newTable(size uint64) *table {
+	return &table{
+		top:    make([]atomic.Pointer[mid], (size+midBytes-1)/midBytes),
+		npages: (size + pageSize - 1) / pageSize,
+	}
+}
+
+func (t *table) lock(pi uint64) *stripe { return &t.locks[pi%stripes] }
+
+// slot returns page pi's slot, or nil if its leaf does not exist.
+func (t *table) slot(pi uint64) *atomic.Pointer[page] {
+	m := t.top[pi>>(leafShift+midShift)].Load()
+	if m == nil {
+		return nil
+	}
+	l := m[(pi>>leafShift)%midFan].Load()
+	if l == nil {
+		return nil
+	}
+	return &l[pi%leafFan]
+}
+
+// makeSlot returns page pi's slot, creating its mid and leaf if needed.
+func (t *table) makeSlot(pi uint64) *atomic.Pointer[page] {
+	mp := &t.top[pi>>(leafShift+midShift)]
+	m := mp.Load()
+	for m == nil {
+		mp.CompareAndSwap(nil, new(mid))
+		m = mp.Load() // ours or a concurrent winner's (or nil again after a trim)
+	}
+	lp := &m[(pi>>leafShift)%midFan]
+	l := lp.Load()
+	for l == nil {
+		lp.CompareAndSwap(nil, new(leaf))
+		l = lp.Load()
+	}
+	return &l[pi%leafFan]
+}
+
+// read copies page pi from byte po into p (zeros if absent).
+func (t *table) read(p []byte, pi, po uint64) {
+	s := t.slot(pi)
+	if s == nil {
+		clear(p)
+		return
+	}
+	mu := t.lock(pi)
+	mu.RLock()
+	if pg := s.Load(); pg != nil {
+		copy(p, pg[po:])
+	} else {
+		clear(p)
+	}
+	mu.RUnlock()
+}
+
+// write copies p into page pi at byte po. Zeros are not stored: they
+// neither allocate an absent page nor keep a wholly overwritten one.
+func (t *table) write(p []byte, pi, po uint64) {
+	mu := t.lock(pi)
+	mu.Lock()
+	defer mu.Unlock()
+	s := t.slot(pi)
+	var pg *page
+	if s != nil {
+		pg = s.Load()
+	}
+	switch {
+	case pg == nil:
+		if isZero(p) {
+			return
+		}
+		pg = new(page)
+		copy(pg[po:], p)
+		t.makeSlot(pi).Store(pg)
+	case len(p) == pageSize && isZero(p):
+		s.Store(nil)
+	default:
+		copy(pg[po:], p)
+	}
+}
+
+// zeroPart zeros [po, po+n) of page pi, freeing it if it becomes all
+// zeros.
+func (t *table) zeroPart(pi, po, n uint64) {
+	s := t.slot(pi)
+	if s == nil || s.Load() == nil {
+		return
+	}
+	mu := t.lock(pi)
+	mu.Lock()
+	if pg := s.Load(); pg != nil {
+		clear(pg[po : po+n])
+		if isZero(pg[:]) {
+			s.Store(nil)
+		}
+	}
+	mu.Unlock()
+}
+
+// free drops pages [pi, end), whole leaves and mids at a time where the
+// range covers them. A write racing with the free may be lost, which is
+// fine: the two overlap, so either order is a valid outcome.
+func (t *table) free(pi, end uint64) {
+	if end >= t.npages {
+		// Through the end of the volume: the tables' unused tail counts
+		// as covered, so a whole-volume trim frees every table.
+		end = uint64(len(t.top)) << (leafShift + midShift)
+	}
+	for pi < end {
+		mp := &t.top[pi>>(leafShift+midShift)]
+		midStart := pi &^ (leafFan*midFan - 1)
+		midEnd := midStart + leafFan*midFan
+		m := mp.Load()
+		if m == nil {
+			pi = midEnd
+			continue
+		}
+		if pi == midStart && end >= midEnd {
+			mp.Store(nil)
+			pi = midEnd
+			continue
+		}
+		lp := &m[(pi>>leafShift)%midFan]
+		leafStart := pi &^ (leafFan - 1)
+		leafEnd := leafStart + leafFan
+		l := lp.Load()
+		if l == nil {
+			pi = leafEnd
+			continue
+		}
+		if pi == leafStart && end >= leafEnd {
+			lp.Store(nil)
+			pi = leafEnd
+			continue
+		}
+		for ; pi < min(end, leafEnd); pi++ {
+			s := &l[pi%leafFan]
+			if s.Load() == nil {
+				continue
+			}
+			mu := t.lock(pi)
+			mu.Lock()
+			s.Store(nil)
+			mu.Unlock()
+		}
+	}
+}
+
+// status reports whether the byte at off is in a stored page, and where
+// the run of equal status that the table can see at once ends (the end
+// of the page, or of an absent leaf or mid).
+func (t *table) status(off uint64) (present bool, next uint64) {
+	pi := off >> pageShift
+	m := t.top[pi>>(leafShift+midShift)].Load()
+	if m == nil {
+		return false, (off | (midBytes - 1)) + 1
+	}
+	l := m[(pi>>leafShift)%midFan].Load()
+	if l == nil {
+		return false, (off | (leafBytes - 1)) + 1
+	}
+	return l[pi%leafFan].Load() != nil, (off | (pageSize - 1)) + 1
+}
