@@ -1,0 +1,103 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"io"
+	"net"
+	"os"
+	"syscall"
+	"testing"
+)
+
+// socketPair returns two connected unix stream sockets, the transport the
+// node plugin uses to hand a connection to the kernel.
+func socketPair(tb testing.TB) (net.Conn, net.Conn) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	conv := func(fd int) net.Conn {
+		f := os.NewFile(uintptr(fd), "socketpair")
+		defer f.Close() // FileConn dups the descriptor
+		c, err := net.FileConn(f)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		return c
+	}
+	return conv(fds[0]), conv(fds[1])
+}
+
+// benchTransmission measures the server's request path with no handshake:
+// a pipelining raw client keeps depth requests in flight.
+func benchTransmission(b *testing.B, cmd uint16, size uint32, depth int) {
+	dev := newTestDevice(64 << 20)
+	srv, err := NewServer(ServerConfig{Exports: staticExports{}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	client, server := socketPair(b)
+	go srv.ServeTransmission(context.Background(), server, &Export{Device: dev})
+	defer client.Close()
+
+	payload := make([]byte, size)
+	blocks := uint64(dev.Size()) / uint64(size)
+	hdr := make([]byte, requestHeaderSize)
+	w := bufio.NewWriterSize(client, 1<<20)
+	send := func(i int) {
+		binary.BigEndian.PutUint32(hdr[0:], requestMagic)
+		binary.BigEndian.PutUint16(hdr[4:], 0)
+		binary.BigEndian.PutUint16(hdr[6:], cmd)
+		binary.BigEndian.PutUint64(hdr[8:], uint64(i))
+		binary.BigEndian.PutUint64(hdr[16:], (uint64(i)*7919%blocks)*uint64(size))
+		binary.BigEndian.PutUint32(hdr[24:], size)
+		w.Write(hdr)
+		if cmd == CmdWrite {
+			w.Write(payload)
+		}
+	}
+	br := bufio.NewReaderSize(client, 1<<20)
+	rhdr := make([]byte, simpleReplySize)
+	recv := func() {
+		if _, err := io.ReadFull(br, rhdr); err != nil {
+			b.Fatal(err)
+		}
+		if e := binary.BigEndian.Uint32(rhdr[4:]); e != 0 {
+			b.Fatalf("error %d", e)
+		}
+		if cmd == CmdRead {
+			if _, err := io.ReadFull(br, payload); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	b.SetBytes(int64(size))
+	b.ReportAllocs()
+	b.ResetTimer()
+	sent := 0
+	for ; sent < depth && sent < b.N; sent++ {
+		send(sent)
+	}
+	w.Flush()
+	for done := 0; done < b.N; done++ {
+		recv()
+		if sent < b.N {
+			send(sent)
+			sent++
+		}
+		if br.Buffered() == 0 {
+			w.Flush()
+		}
+	}
+	b.StopTimer()
+	w.Write(reqBytes(0, CmdDisc, 0, 0, 0))
+	w.Flush()
+}
+
+func BenchmarkRead4KDepth1(b *testing.B)   { benchTransmission(b, CmdRead, 4096, 1) }
+func BenchmarkRead4KDepth32(b *testing.B)  { benchTransmission(b, CmdRead, 4096, 32) }
+func BenchmarkWrite4KDepth32(b *testing.B) { benchTransmission(b, CmdWrite, 4096, 32) }
+func BenchmarkRead1MDepth8(b *testing.B)   { benchTransmission(b, CmdRead, 1<<20, 8) }
+func BenchmarkWrite1MDepth8(b *testing.B)  { benchTransmission(b, CmdWrite, 1<<20, 8) }
