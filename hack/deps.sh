@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what the tests need on Debian: the real NBD clients and servers
+# the tests use as oracles and peers. Idempotent and quick when all is there.
+set -euo pipefail
+
+apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils fio)
+
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing: ${missing[*]}"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v go >/dev/null; then
+  if [ -x /usr/local/go/bin/go ]; then
+    echo "go is at /usr/local/go/bin: add it to PATH" >&2
+  else
+    echo "Go >= 1.24 is required (Debian's golang-go is too old on bookworm)" >&2
+  fi
+  exit 1
+fi

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite: static checks, every Go test under the race detector
+# (real NBD clients included), and a short run of every fuzz target over its
+# committed corpus. FUZZTIME=0 skips the fuzzing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH=$PATH:/usr/local/go/bin
+
+hack/deps.sh
+
+echo "== gofmt, go vet"
+unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+if [ -n "$unformatted" ]; then
+  echo "gofmt needed: $unformatted" >&2
+  exit 1
+fi
+go vet ./...
+
+echo "== go test -race"
+go test -race -count=1 -timeout 20m ./...
+
+FUZZTIME=${FUZZTIME:-10s}
+if [ "$FUZZTIME" != 0 ]; then
+  echo "== fuzzing, $FUZZTIME per target"
+  for pkg in $(go list ./...); do
+    dir=$(go list -f '{{.Dir}}' "$pkg")
+    for target in $(grep -ho '^func Fuzz[A-Za-z0-9_]*' "$dir"/*_test.go 2>/dev/null | sed 's/^func //' | sort -u); do
+      go test -run '^$' -fuzz "^${target}\$" -fuzztime "$FUZZTIME" "$pkg"
+    done
+  done
+fi
