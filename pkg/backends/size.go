@@ -112,19 +112,25 @@ func sizeMultiplier(suffix string) (uint64, error) {
 
 func isDigit(c byte) bool { return '0' <= c && c <= '9' }
 
-// FormatSize writes n canonically: with the largest binary suffix that
-// divides it exactly, else the largest decimal one, else as plain bytes.
+// FormatSize writes n canonically: the shortest of plain bytes, the largest
+// binary suffix that divides n and the largest decimal one that does.
 // ParseSize(FormatSize(n)) == n for every n.
 func FormatSize(n uint64) string {
 	if n == 0 {
 		return "0"
 	}
+	// The shortest exact form wins, binary on a tie: 1Gi, 1T (not
+	// 976562500Ki), 1536Ki (not 1572864).
+	best := strconv.FormatUint(n, 10)
 	for _, units := range [][]sizeUnit{binaryUnits, decimalUnits} {
 		for _, u := range units {
 			if n%u.mult == 0 {
-				return strconv.FormatUint(n/u.mult, 10) + u.suffix
+				if s := strconv.FormatUint(n/u.mult, 10) + u.suffix; len(s) < len(best) {
+					best = s
+				}
+				break
 			}
 		}
 	}
-	return strconv.FormatUint(n, 10)
+	return best
 }

@@ -84,10 +84,11 @@ func TestFormatSize(t *testing.T) {
 		{3 << 29, "1536Mi"},
 		{1e9, "1G"},
 		{1 << 60, "1Ei"},
-		// Binary suffixes win whenever they divide, as specified, even
-		// where a decimal one would read better.
-		{5e18, "4882812500000000Ki"},
-		{1e12, "976562500Ki"},
+		// The shortest exact form wins; binary on a tie.
+		{5e18, "5E"},
+		{1e12, "1T"},
+		{3 << 20, "3Mi"},
+		{1 << 40, "1Ti"},
 		{5e15 + 1000, "5000000000001k"},
 		{math.MaxUint64, "18446744073709551615"},
 	} {
