@@ -3,7 +3,7 @@
 # the tests use as oracles and peers. Idempotent and quick when all is there.
 set -euo pipefail
 
-apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils fio)
+apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio)
 
 missing=()
 for p in "${apt_pkgs[@]}"; do
