@@ -31,6 +31,7 @@ type serverConn struct {
 
 	mu       sync.Mutex // guards conn (replaced by STARTTLS) against stop
 	conn     net.Conn
+	raw      net.Conn // the accepted transport, never replaced
 	stopping atomic.Bool
 
 	structured bool
@@ -70,6 +71,7 @@ func newServerConn(s *Server, conn net.Conn) *serverConn {
 	return &serverConn{
 		srv:    s,
 		conn:   conn,
+		raw:    conn,
 		remote: remoteName(conn),
 		br:     bufio.NewReaderSize(conn, 128<<10),
 	}
@@ -91,6 +93,14 @@ func (c *serverConn) stop() {
 	defer c.mu.Unlock()
 	c.stopping.Store(true)
 	_ = c.conn.SetReadDeadline(time.Now())
+}
+
+// closeNow closes the connection at once, failing whatever it is blocked
+// on. It closes the transport under any TLS layer: c.conn may be being
+// replaced by STARTTLS concurrently, and a tls.Conn's Close may block for
+// seconds sending close_notify to a peer that does not read.
+func (c *serverConn) closeNow() {
+	_ = c.raw.Close()
 }
 
 // setDeadline sets the connection deadline unless stop already expired it.
@@ -370,26 +380,39 @@ func (c *serverConn) validate(r *request) (uint32, string) {
 
 func (c *serverConn) dispatch(r *request) {
 	c.inflight.Add(1)
-	c.reqs <- r
-	// Grow the pool when nobody is idle; workers live as long as the
-	// connection, so a steady queue depth costs no goroutine creation.
-	if c.idle.Load() == 0 && c.workers < c.srv.cfg.MaxInFlight {
+	// Each request claims an idle worker, or starts one if none is left;
+	// workers live as long as the connection, so a steady queue depth
+	// costs no goroutine creation. The claim is made here, not by the
+	// worker when it wakes: a worker parked on the channel that has been
+	// handed a request but not yet scheduled must not count as idle, or
+	// a second request queues behind the first and waits for it to
+	// finish (with a device that blocks, forever).
+	claimed := false
+	for n := c.idle.Load(); n > 0; n = c.idle.Load() {
+		if c.idle.CompareAndSwap(n, n-1) {
+			claimed = true
+			break
+		}
+	}
+	if !claimed && c.workers < c.srv.cfg.MaxInFlight {
 		c.workers++
 		go c.worker()
 	}
+	c.reqs <- r
 }
 
+// worker serves requests until c.reqs is closed. It counts itself idle
+// only between requests; dispatch takes it off the count.
 func (c *serverConn) worker() {
 	for {
-		c.idle.Add(1)
 		r, ok := <-c.reqs
-		c.idle.Add(-1)
 		if !ok {
 			return
 		}
 		c.handle(r)
 		requestPool.Put(r)
 		c.inflight.Done()
+		c.idle.Add(1)
 	}
 }
 

@@ -318,6 +318,12 @@ func (n *negotiation) infoGo(ctx context.Context, opt uint32, data []byte) (*Exp
 // metaContext answers LIST_META_CONTEXT and SET_META_CONTEXT. The only
 // context we know is base:allocation.
 func (n *negotiation) metaContext(opt uint32, data []byte) error {
+	if opt == optSetMetaContext {
+		// SET replaces all previously set contexts "including when this
+		// command fails" (proto.md), so forget them before any error
+		// return below.
+		n.metaSet, n.metaExport, n.metaAlloc = true, "", false
+	}
 	if opt == optSetMetaContext && !n.structured {
 		return n.replyErr(opt, repErrInvalid, "NBD_OPT_SET_META_CONTEXT needs structured replies first")
 	}
@@ -362,7 +368,13 @@ func (n *negotiation) metaContext(opt uint32, data []byte) error {
 		n.metaSet, n.metaExport, n.metaAlloc = true, export, match
 	}
 	if match {
-		p := binary.BigEndian.AppendUint32(nil, allocationContextID)
+		// The id in LIST replies "is reserved and SHOULD be set to zero"
+		// (proto.md); only SET assigns one.
+		id := uint32(0)
+		if opt == optSetMetaContext {
+			id = allocationContextID
+		}
+		p := binary.BigEndian.AppendUint32(nil, id)
 		if err := n.reply(opt, repMetaContext, append(p, AllocationContext...)); err != nil {
 			return err
 		}

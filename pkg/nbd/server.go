@@ -217,7 +217,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	case <-ctx.Done():
 		s.mu.Lock()
 		for c := range s.conns {
-			c.conn.Close()
+			c.closeNow()
 		}
 		s.mu.Unlock()
 		return ctx.Err()

@@ -3,6 +3,8 @@ package nbd
 import (
 	"bytes"
 	"context"
+	"slices"
+	"strings"
 	"sync"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
@@ -17,8 +19,40 @@ type testDevice struct {
 	caps  backends.Caps
 	// fail, when set, is returned by every I/O call.
 	fail error
-	// flushes counts Flush calls.
-	flushes int
+	// failOff and failLen, when failLen is nonzero, narrow fail to the
+	// calls whose range overlaps [failOff, failOff+failLen) (Flush then
+	// never fails), so a test can provoke an error and then check that
+	// the connection still serves other requests.
+	failOff, failLen uint64
+	// flushes counts Flush calls, caches Cache calls, fastZeroes Zero
+	// calls with ZeroFast and noHoleZeroes those with ZeroNoHole.
+	flushes, caches, fastZeroes, noHoleZeroes int
+}
+
+// failing returns the error injected for an I/O call on [off, off+length).
+// The caller holds d.mu.
+func (d *testDevice) failing(off, length uint64) error {
+	if d.fail == nil || d.failLen == 0 {
+		return d.fail
+	}
+	if off < d.failOff+d.failLen && d.failOff < off+length {
+		return d.fail
+	}
+	return nil
+}
+
+// counters returns a snapshot of the call counters.
+func (d *testDevice) counters() (flushes, caches, fastZeroes, noHoleZeroes int) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.flushes, d.caches, d.fastZeroes, d.noHoleZeroes
+}
+
+// snapshot returns copies of the contents and the allocation map.
+func (d *testDevice) snapshot() ([]byte, []bool) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return bytes.Clone(d.data), append([]bool(nil), d.alloc...)
 }
 
 const testBlock = 4096
@@ -38,8 +72,8 @@ func (d *testDevice) Caps() backends.Caps { return d.caps }
 func (d *testDevice) ReadAt(_ context.Context, p []byte, off uint64) error {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
-	if d.fail != nil {
-		return d.fail
+	if err := d.failing(off, uint64(len(p))); err != nil {
+		return err
 	}
 	copy(p, d.data[off:])
 	return nil
@@ -48,8 +82,8 @@ func (d *testDevice) ReadAt(_ context.Context, p []byte, off uint64) error {
 func (d *testDevice) WriteAt(_ context.Context, p []byte, off uint64, _ bool) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.fail != nil {
-		return d.fail
+	if err := d.failing(off, uint64(len(p))); err != nil {
+		return err
 	}
 	if d.caps.ReadOnly {
 		return backends.ErrReadOnly
@@ -65,6 +99,9 @@ func (d *testDevice) Flush(context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.flushes++
+	if d.failLen != 0 {
+		return nil
+	}
 	return d.fail
 }
 
@@ -75,11 +112,21 @@ func (d *testDevice) Trim(ctx context.Context, off, length uint64, _ bool) error
 func (d *testDevice) Zero(_ context.Context, off, length uint64, flags backends.ZeroFlags) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.fail != nil {
-		return d.fail
+	if err := d.failing(off, length); err != nil {
+		return err
+	}
+	if flags&backends.ZeroFast != 0 {
+		d.fastZeroes++
+	}
+	if flags&backends.ZeroNoHole != 0 {
+		d.noHoleZeroes++
 	}
 	copy(d.data[off:off+length], make([]byte, length))
 	if flags&backends.ZeroNoHole != 0 {
+		// NO_HOLE: the range must end up fully provisioned.
+		for b := off / testBlock; b*testBlock < off+length; b++ {
+			d.alloc[b] = true
+		}
 		return nil
 	}
 	// Whole blocks become holes again.
@@ -92,8 +139,8 @@ func (d *testDevice) Zero(_ context.Context, off, length uint64, flags backends.
 func (d *testDevice) Extents(_ context.Context, off, length uint64, add func(backends.Extent)) error {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
-	if d.fail != nil {
-		return d.fail
+	if err := d.failing(off, length); err != nil {
+		return err
 	}
 	for pos := off; pos < off+length; {
 		b := pos / testBlock
@@ -110,8 +157,14 @@ func (d *testDevice) Extents(_ context.Context, off, length uint64, add func(bac
 	return nil
 }
 
-func (d *testDevice) Cache(context.Context, uint64, uint64) error { return nil }
-func (d *testDevice) Close() error                               { return nil }
+func (d *testDevice) Cache(_ context.Context, off, length uint64) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.caches++
+	return d.failing(off, length)
+}
+
+func (d *testDevice) Close() error { return nil }
 
 // staticExports serves fixed devices by name.
 type staticExports map[string]*Export
@@ -129,5 +182,7 @@ func (s staticExports) List(context.Context) []ExportInfo {
 	for n, e := range s {
 		out = append(out, ExportInfo{Name: n, Description: e.Description})
 	}
+	// Map order is random; a listing in name order keeps tests repeatable.
+	slices.SortFunc(out, func(a, b ExportInfo) int { return strings.Compare(a.Name, b.Name) })
 	return out
 }
