@@ -494,6 +494,21 @@ func (c *serverConn) read(r *request) {
 		return
 	}
 	var m outMsg
+	if c.structured && isZero(*buf) {
+		// All zeros, whatever the device: a 12-byte OFFSET_HOLE chunk
+		// instead of the data. The scan stops at the first nonzero byte,
+		// so data costs next to nothing, and it spares the wire and the
+		// client a sparse read's zeros.
+		putBuf(buf)
+		c.mem.Release(r.weight)
+		r.weight = 0
+		m.chunk(r.cookie, replyFlagDone, replyTypeOffsetHole, 12)
+		binary.BigEndian.PutUint64(m.hdr[structuredHeaderSize:], r.off)
+		binary.BigEndian.PutUint32(m.hdr[structuredHeaderSize+8:], r.length)
+		m.hn += 12
+		c.out.send(&m)
+		return
+	}
 	if c.structured {
 		m.chunk(r.cookie, replyFlagDone, replyTypeOffsetData, 8+r.length)
 		binary.BigEndian.PutUint64(m.hdr[structuredHeaderSize:], r.off)
@@ -504,6 +519,21 @@ func (c *serverConn) read(r *request) {
 	m.data, m.pooled, m.weight = *buf, buf, r.weight
 	r.weight = 0
 	c.out.send(&m)
+}
+
+var zeroBlock [64 << 10]byte
+
+// isZero reports whether b is all zeros, 64 KiB at a time through the
+// runtime's vectorised memequal.
+func isZero(b []byte) bool {
+	for len(b) > 0 {
+		n := min(len(b), len(zeroBlock))
+		if string(b[:n]) != string(zeroBlock[:n]) {
+			return false
+		}
+		b = b[n:]
+	}
+	return true
 }
 
 // maxDescriptors bounds one block status reply (proto.md allows 2^20; a

@@ -274,6 +274,9 @@ func (r *rawConn) readReply() rawReply {
 		switch rep.typ {
 		case replyTypeOffsetData:
 			rep.offset, rep.data = binary.BigEndian.Uint64(p), p[8:]
+		case replyTypeOffsetHole:
+			// Decoded as the zeros it stands for; typ tells them apart.
+			rep.offset, rep.data = binary.BigEndian.Uint64(p), make([]byte, binary.BigEndian.Uint32(p[8:]))
 		case replyTypeError, replyTypeErrorOffset:
 			rep.errno = binary.BigEndian.Uint32(p)
 			ml := binary.BigEndian.Uint16(p[4:])
@@ -327,7 +330,7 @@ func (r *rawConn) readData(off uint64, length uint32) []byte {
 	if rep.errno != 0 {
 		r.t.Fatalf("read %d+%d: errno %d %q", off, length, rep.errno, rep.msg)
 	}
-	if rep.structured && (rep.typ != replyTypeOffsetData || rep.offset != off) {
+	if rep.structured && ((rep.typ != replyTypeOffsetData && rep.typ != replyTypeOffsetHole) || rep.offset != off) {
 		r.t.Fatalf("read %d+%d: chunk type %d offset %d", off, length, rep.typ, rep.offset)
 	}
 	if len(rep.data) != int(length) {

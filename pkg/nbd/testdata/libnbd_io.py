@@ -83,9 +83,14 @@ def case_structured_read(uri):
         check(buf == data, "structured read returns the data (flags %#x)" % flags)
         check(chunks == [(12345, 100000, nbd.READ_DATA)],
               "exactly one OFFSET_DATA chunk at the request offset (flags %#x): %r" % (flags, chunks))
-    # A read of a hole is still data (we never send OFFSET_HOLE).
-    buf, chunks = read_chunks(h, 4096, 8 * MiB)
-    check(buf == bytes(4096) and chunks == [(8 * MiB, 4096, nbd.READ_DATA)], "hole read: %r" % chunks)
+    # A read of zeros is one OFFSET_HOLE chunk, with or without DF.
+    for flags in (0, nbd.CMD_FLAG_DF):
+        buf, chunks = read_chunks(h, 1 * MiB, 8 * MiB, flags)
+        check(buf == bytes(1 * MiB) and chunks == [(8 * MiB, 1 * MiB, nbd.READ_HOLE)], "hole read: %r" % chunks)
+    # Data and zeros mixed is data.
+    h.pwrite(b"x", 8 * MiB + 4095)
+    buf, chunks = read_chunks(h, 8192, 8 * MiB)
+    check(buf == bytes(4095) + b"x" + bytes(4096) and chunks == [(8 * MiB, 8192, nbd.READ_DATA)], "mixed read: %r" % chunks)
     h.shutdown()
 
 
