@@ -60,6 +60,12 @@ type Caps struct {
 	Extents   bool // Extents reports real holes
 	Cache     bool // Cache does real prefetching
 	MultiConn bool // a Flush on one connection covers writes completed on all
+	// Fast promises that no call blocks on anything slower than memory
+	// (no network, no disk beyond the page cache), so the server may run
+	// requests on the connection's reader instead of handing them to
+	// worker goroutines. Filters that may wait (rate limits, remote
+	// misses) must turn it off.
+	Fast bool
 	// Rotational hints that seeks are expensive.
 	Rotational bool
 	// MinBlock, PrefBlock and MaxBlock are the block size constraints

@@ -33,7 +33,18 @@ func socketPair(tb testing.TB) (net.Conn, net.Conn) {
 // benchTransmission measures the server's request path with no handshake:
 // a pipelining raw client keeps depth requests in flight.
 func benchTransmission(b *testing.B, cmd uint16, size uint32, depth int) {
+	for _, inline := range []bool{false, true} {
+		name := "workers"
+		if inline {
+			name = "inline"
+		}
+		b.Run(name, func(b *testing.B) { benchTransmissionPath(b, cmd, size, depth, inline) })
+	}
+}
+
+func benchTransmissionPath(b *testing.B, cmd uint16, size uint32, depth int, inline bool) {
 	dev := newTestDevice(64 << 20)
+	dev.caps.Fast = inline
 	srv, err := NewServer(ServerConfig{Exports: staticExports{}})
 	if err != nil {
 		b.Fatal(err)

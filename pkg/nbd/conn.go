@@ -28,6 +28,7 @@ type serverConn struct {
 	srv    *Server
 	remote string
 	br     *bufio.Reader
+	spin   *spinReader // under br until STARTTLS
 
 	mu       sync.Mutex // guards conn (replaced by STARTTLS) against stop
 	conn     net.Conn
@@ -46,6 +47,7 @@ type serverConn struct {
 	minBlock   uint32
 	maxPayload uint32
 
+	inline   bool // requests run on the reader (Caps.Fast devices)
 	reqs     chan *request
 	workers  int
 	idle     atomic.Int32
@@ -63,18 +65,21 @@ type request struct {
 	length uint32
 	buf    *[]byte // WRITE payload
 	weight int64   // bytes held against the connection's budget
+	inline bool    // handled on the reader: its reply may wait for a batch
 }
 
 var requestPool = sync.Pool{New: func() any { return new(request) }}
 
 func newServerConn(s *Server, conn net.Conn) *serverConn {
-	return &serverConn{
+	c := &serverConn{
 		srv:    s,
 		conn:   conn,
 		raw:    conn,
 		remote: remoteName(conn),
-		br:     bufio.NewReaderSize(conn, 128<<10),
 	}
+	c.spin = newSpinReader(conn)
+	c.br = bufio.NewReaderSize(c.spin, 128<<10)
+	return c
 }
 
 func remoteName(conn net.Conn) string {
@@ -211,6 +216,11 @@ func (c *serverConn) transmit(ctx context.Context, exp *Export) {
 	c.size = exp.Device.Size()
 	c.readOnly = exp.ReadOnly || c.caps.ReadOnly
 	c.minBlock, _, c.maxPayload = blockSizes(c.caps)
+	// A device that never blocks is served on the reader goroutine: no
+	// hand-off between threads, and replies batched per read of the
+	// socket. That is what makes queue depth 1 as fast as it can be.
+	c.inline = c.caps.Fast
+	c.spin.enabled = c.inline
 	c.reqs = make(chan *request, c.srv.cfg.MaxInFlight)
 	c.mem = semaphore.NewWeighted(c.srv.cfg.MaxBufferedBytes)
 	c.out.w = c.conn
@@ -218,6 +228,7 @@ func (c *serverConn) transmit(ctx context.Context, exp *Export) {
 	log.V(2).Info("NBD transmission started", "size", c.size, "structured", c.structured)
 
 	err := c.readLoop(ctx)
+	c.out.flush()
 	graceful := err == nil || (c.stopping.Load() && isTimeout(err))
 	if !graceful {
 		// Nobody will read the replies still in flight: fail their
@@ -250,6 +261,9 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 		}
 		if err := c.out.failed(); err != nil {
 			return fmt.Errorf("writing replies: %w", err)
+		}
+		if c.inline && c.br.Buffered() < requestHeaderSize {
+			c.out.flush() // about to wait for the client: answer first
 		}
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 			if c.stopping.Load() && isTimeout(err) {
@@ -287,11 +301,14 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 				}
 			} else {
 				r.weight = int64(r.length)
-				if err := c.mem.Acquire(ctx, r.weight); err != nil {
+				if err := c.acquire(ctx, r.weight); err != nil {
 					requestPool.Put(r)
 					return err
 				}
 				r.buf = getBuf(int(r.length))
+				if c.inline && c.br.Buffered() < int(r.length) {
+					c.out.flush()
+				}
 				if _, err := io.ReadFull(c.br, *r.buf); err != nil {
 					c.mem.Release(r.weight)
 					putBuf(r.buf)
@@ -301,19 +318,58 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 			}
 		}
 		if errno != 0 {
+			r.inline = c.inline // the reader flushes before it blocks
 			c.replyError(r, errno, msg)
 			requestPool.Put(r)
 			continue
 		}
 		if r.typ == CmdRead {
 			r.weight = int64(r.length)
-			if err := c.mem.Acquire(ctx, r.weight); err != nil {
+			if err := c.acquire(ctx, r.weight); err != nil {
 				requestPool.Put(r)
 				return err
 			}
 		}
-		c.dispatch(r)
+		if !c.inline || (r.length > inlineMaxPayload && (r.typ == CmdRead || r.typ == CmdWrite)) {
+			c.dispatch(r)
+			continue
+		}
+		r.inline = true
+		c.handle(r)
+		requestPool.Put(r)
 	}
+}
+
+// inlineMaxPayload is the largest READ or WRITE the inline path runs
+// itself. Bigger ones go to workers, so that the copies of several large
+// requests run on all CPUs while the reader takes in the next payload.
+const inlineMaxPayload = 64 << 10
+
+// inlineFlushBytes bounds the replies the inline path holds back while
+// more requests are already buffered.
+const inlineFlushBytes = 1 << 20
+
+// reply queues a reply. Workers write at once; the inline path holds
+// replies until it has no buffered request left (one writev answers a
+// whole batch) or has held back enough to be worth sending.
+func (c *serverConn) reply(r *request, m *outMsg) {
+	if !r.inline {
+		c.out.send(m)
+		return
+	}
+	if c.out.queue(m) >= inlineFlushBytes {
+		c.out.flush()
+	}
+}
+
+// acquire takes n bytes of the connection's payload budget. The inline
+// path first sends what it holds back, which is what returns budget.
+func (c *serverConn) acquire(ctx context.Context, n int64) error {
+	if c.mem.TryAcquire(n) {
+		return nil
+	}
+	c.out.flush()
+	return c.mem.Acquire(ctx, n)
 }
 
 // validate checks a request against the protocol and the export. A nonzero
@@ -481,7 +537,7 @@ func (c *serverConn) handle(r *request) {
 	}
 	var m outMsg
 	m.simple(r.cookie, 0)
-	c.out.send(&m)
+	c.reply(r, &m)
 }
 
 func (c *serverConn) read(r *request) {
@@ -506,7 +562,7 @@ func (c *serverConn) read(r *request) {
 		binary.BigEndian.PutUint64(m.hdr[structuredHeaderSize:], r.off)
 		binary.BigEndian.PutUint32(m.hdr[structuredHeaderSize+8:], r.length)
 		m.hn += 12
-		c.out.send(&m)
+		c.reply(r, &m)
 		return
 	}
 	if c.structured {
@@ -518,7 +574,7 @@ func (c *serverConn) read(r *request) {
 	}
 	m.data, m.pooled, m.weight = *buf, buf, r.weight
 	r.weight = 0
-	c.out.send(&m)
+	c.reply(r, &m)
 }
 
 var zeroBlock [64 << 10]byte
@@ -599,7 +655,7 @@ func (c *serverConn) blockStatus(r *request) {
 	var m outMsg
 	m.chunk(r.cookie, replyFlagDone, replyTypeBlockStatus, uint32(len(b)))
 	m.data, m.pooled = b, buf
-	c.out.send(&m)
+	c.reply(r, &m)
 }
 
 // replyDeviceError logs a device failure and replies with its errno.
@@ -617,7 +673,7 @@ func (c *serverConn) replyError(r *request, errno uint32, msg string) {
 	var m outMsg
 	if !c.structured {
 		m.simple(r.cookie, errno)
-		c.out.send(&m)
+		c.reply(r, &m)
 		return
 	}
 	if len(msg) > 1024 {
@@ -628,7 +684,7 @@ func (c *serverConn) replyError(r *request, errno uint32, msg string) {
 	binary.BigEndian.PutUint16(m.hdr[structuredHeaderSize+4:], uint16(len(msg)))
 	m.hn += 6
 	m.data = []byte(msg)
-	c.out.send(&m)
+	c.reply(r, &m)
 }
 
 // errnoOf maps a device error onto the protocol's error numbers.

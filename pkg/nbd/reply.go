@@ -28,7 +28,8 @@ type replyWriter struct {
 	release func(weight int64)
 
 	mu       sync.Mutex
-	queue    []outMsg
+	pending  []outMsg // waiting to be written
+	queued   int      // bytes in pending
 	spare    []outMsg
 	flushing bool
 	err      error
@@ -36,22 +37,53 @@ type replyWriter struct {
 	iovBack  net.Buffers
 }
 
+// send queues m and writes it now, unless another goroutine is writing,
+// in which case that one writes it too.
 func (rw *replyWriter) send(m *outMsg) {
 	rw.mu.Lock()
-	if rw.err != nil {
+	if !rw.add(m) {
 		rw.mu.Unlock()
-		rw.free(m)
 		return
 	}
-	rw.queue = append(rw.queue, *m)
+	rw.writeLocked()
+}
+
+// queue adds m without writing it (the inline path batches replies until
+// it would block) and returns the bytes now waiting.
+func (rw *replyWriter) queue(m *outMsg) int {
+	rw.mu.Lock()
+	defer rw.mu.Unlock()
+	rw.add(m)
+	return rw.queued
+}
+
+// flush writes whatever is queued.
+func (rw *replyWriter) flush() {
+	rw.mu.Lock()
+	rw.writeLocked()
+}
+
+func (rw *replyWriter) add(m *outMsg) bool {
+	if rw.err != nil {
+		rw.free(m)
+		return false
+	}
+	rw.pending = append(rw.pending, *m)
+	rw.queued += int(m.hn) + len(m.data)
+	return true
+}
+
+// writeLocked is entered with rw.mu held and returns with it released.
+func (rw *replyWriter) writeLocked() {
 	if rw.flushing {
 		rw.mu.Unlock()
 		return
 	}
 	rw.flushing = true
-	for len(rw.queue) > 0 && rw.err == nil {
-		q := rw.queue
-		rw.queue = rw.spare[:0]
+	for len(rw.pending) > 0 && rw.err == nil {
+		q := rw.pending
+		rw.pending = rw.spare[:0]
+		rw.queued = 0
 		rw.mu.Unlock()
 
 		iov := rw.iovBack[:0]
@@ -79,10 +111,11 @@ func (rw *replyWriter) send(m *outMsg) {
 		}
 	}
 	if rw.err != nil {
-		for i := range rw.queue {
-			rw.free(&rw.queue[i])
+		for i := range rw.pending {
+			rw.free(&rw.pending[i])
 		}
-		rw.queue = rw.queue[:0]
+		rw.pending = rw.pending[:0]
+		rw.queued = 0
 	}
 	rw.flushing = false
 	rw.mu.Unlock()

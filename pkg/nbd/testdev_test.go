@@ -3,6 +3,7 @@ package nbd
 import (
 	"bytes"
 	"context"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -62,9 +63,14 @@ func newTestDevice(size int) *testDevice {
 		data:  make([]byte, size),
 		alloc: make([]bool, (size+testBlock-1)/testBlock),
 		caps: backends.Caps{Flush: true, FUA: false, Trim: true, Zero: true, FastZero: true,
-			Extents: true, MultiConn: true},
+			Extents: true, MultiConn: true, Fast: testInline},
 	}
 }
+
+// testInline runs the suite's devices as Caps.Fast, so requests take the
+// server's inline path instead of its workers. hack/test.sh runs the tests
+// that never block a device both ways.
+var testInline = os.Getenv("NBD_TEST_INLINE") != ""
 
 func (d *testDevice) Size() uint64        { return uint64(len(d.data)) }
 func (d *testDevice) Caps() backends.Caps { return d.caps }

@@ -66,7 +66,7 @@ var _ backends.Device = (*Device)(nil)
 func (d *Device) Size() uint64 { return d.size }
 
 func (d *Device) Caps() backends.Caps {
-	return backends.Caps{ReadOnly: true, Extents: true, MultiConn: true}
+	return backends.Caps{ReadOnly: true, Extents: true, MultiConn: true, Fast: true}
 }
 
 func (d *Device) check(off, n uint64) error {
