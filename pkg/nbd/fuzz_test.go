@@ -45,27 +45,6 @@ func optBytes(opt uint32, payload []byte) []byte {
 	return append(b, payload...)
 }
 
-func goPayload(name string, infos ...uint16) []byte {
-	b := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-	b = append(b, name...)
-	b = binary.BigEndian.AppendUint16(b, uint16(len(infos)))
-	for _, i := range infos {
-		b = binary.BigEndian.AppendUint16(b, i)
-	}
-	return b
-}
-
-func metaPayload(name string, queries ...string) []byte {
-	b := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-	b = append(b, name...)
-	b = binary.BigEndian.AppendUint32(b, uint32(len(queries)))
-	for _, q := range queries {
-		b = binary.BigEndian.AppendUint32(b, uint32(len(q)))
-		b = append(b, q...)
-	}
-	return b
-}
-
 func reqBytes(flags, typ uint16, cookie, off uint64, length uint32) []byte {
 	b := binary.BigEndian.AppendUint32(nil, requestMagic)
 	b = binary.BigEndian.AppendUint16(b, flags)
@@ -80,17 +59,17 @@ func reqBytes(flags, typ uint16, cookie, off uint64, length uint32) []byte {
 func handshakePrefix(export string) []byte {
 	b := binary.BigEndian.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes)
 	b = append(b, optBytes(optStructuredReply, nil)...)
-	b = append(b, optBytes(optSetMetaContext, metaPayload(export, AllocationContext))...)
-	return append(b, optBytes(optGo, goPayload(export, infoBlockSize))...)
+	b = append(b, optBytes(optSetMetaContext, rawMetaPayload(export, AllocationContext))...)
+	return append(b, optBytes(optGo, rawGoPayload(export, infoBlockSize))...)
 }
 
 func FuzzHandshake(f *testing.F) {
 	flags := binary.BigEndian.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes)
 	f.Add(handshakePrefix(""))
 	f.Add(append(flags, optBytes(optList, nil)...))
-	f.Add(append(flags, optBytes(optInfo, goPayload("ro", infoName, infoDescription, infoBlockSize))...))
+	f.Add(append(flags, optBytes(optInfo, rawGoPayload("ro", infoName, infoDescription, infoBlockSize))...))
 	f.Add(append(flags, optBytes(optExportName, []byte("ro"))...))
-	f.Add(append(flags, optBytes(optListMetaContext, metaPayload("", "base:"))...))
+	f.Add(append(flags, optBytes(optListMetaContext, rawMetaPayload("", "base:"))...))
 	f.Add(append(flags, optBytes(optStartTLS, nil)...))
 	f.Add(append(flags, optBytes(99, []byte("junk"))...))
 	f.Add(append(flags, optBytes(optAbort, nil)...))
