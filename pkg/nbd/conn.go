@@ -393,7 +393,7 @@ func (c *serverConn) validate(r *request) (uint32, string) {
 		return EINVAL, fmt.Sprintf("unknown command %d", r.typ)
 	}
 	if r.flags&^allowed != 0 {
-		return EINVAL, fmt.Sprintf("invalid flags %#x for command %d", r.flags, r.typ)
+		return EINVAL, fmt.Sprintf("invalid flags %#x for %s", r.flags, clientCmdName(uint32(r.typ)))
 	}
 	if r.typ == CmdFlush {
 		if r.off != 0 || r.length != 0 {
@@ -477,7 +477,7 @@ func (c *serverConn) worker() {
 func (c *serverConn) handle(r *request) {
 	defer func() {
 		if p := recover(); p != nil {
-			logConn(c).Error(fmt.Errorf("panic: %v", p), "Device panicked", "command", r.typ, "stack", string(debug.Stack()))
+			logConn(c).Error(fmt.Errorf("panic: %v", p), "Device panicked", "command", clientCmdName(uint32(r.typ)), "stack", string(debug.Stack()))
 			if r.buf != nil {
 				putBuf(r.buf)
 				r.buf = nil
@@ -662,7 +662,7 @@ func (c *serverConn) blockStatus(r *request) {
 func (c *serverConn) replyDeviceError(r *request, err error) {
 	errno := errnoOf(err)
 	if errno == EIO || klog.V(2).Enabled() {
-		logConn(c).Info("Request failed", "command", r.typ, "offset", r.off, "length", r.length, "err", err)
+		logConn(c).Info("Request failed", "command", clientCmdName(uint32(r.typ)), "offset", r.off, "length", r.length, "err", err)
 	}
 	c.replyError(r, errno, err.Error())
 }
