@@ -3,18 +3,12 @@ package nbd
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
-	"math/big"
 	mrand "math/rand/v2"
 	"net"
 	"os"
@@ -25,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/csi-nbd/csi-nbd/internal/testpki"
 )
 
 // clientRequireTool skips the test if the binary is missing, except in CI
@@ -686,67 +682,9 @@ func TestClientList(t *testing.T) {
 	})
 }
 
-// clientWriteCerts writes a CA and a server certificate for localhost in
-// the layout nbdkit --tls-certificates expects, and returns the CA pool.
-func clientWriteCerts(t *testing.T, dir string) *x509.CertPool {
-	t.Helper()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	now := time.Now()
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "csi-nbd test CA"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, _ := x509.ParseCertificate(caDER)
-	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "localhost"},
-		DNSNames:     []string{"localhost"},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, ca, &srvKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(srvKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	write := func(name, typ string, der []byte, mode os.FileMode) {
-		if err := os.WriteFile(filepath.Join(dir, name), pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), mode); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write("ca-cert.pem", "CERTIFICATE", caDER, 0o644)
-	write("server-cert.pem", "CERTIFICATE", srvDER, 0o644)
-	write("server-key.pem", "PRIVATE KEY", keyDER, 0o600)
-	pool := x509.NewCertPool()
-	pool.AddCert(ca)
-	return pool
-}
-
 func TestClientTLS(t *testing.T) {
-	certDir := clientShortTempDir(t)
-	pool := clientWriteCerts(t, certDir)
+	ca := testpki.NewCA(t, "csi-nbd test CA")
+	certDir, pool := ca.ServerDir(t), ca.Pool()
 	k := clientStartNbdkit(t, "--tls=require", "--tls-certificates="+certDir, "memory", "16M")
 	tlsCfg := &tls.Config{RootCAs: pool, ServerName: "localhost"}
 

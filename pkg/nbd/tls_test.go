@@ -6,22 +6,17 @@ package nbd
 import (
 	"bufio"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
-	"math/big"
 	"net"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
+
+	"github.com/csi-nbd/csi-nbd/internal/testpki"
 )
 
 // tlsFiles is a throwaway PKI in the layout libnbd expects: the client
@@ -33,110 +28,26 @@ type tlsFiles struct {
 	server    *tls.Config
 }
 
-type tlsCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
-}
-
-func newTLSCA(t testing.TB, name string) *tlsCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	return &tlsCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
-}
-
-// issue returns a PEM certificate and PKCS#8 key signed by ca.
-func (ca *tlsCA) issue(t testing.TB, serial int64, cn string, usage x509.ExtKeyUsage) (certPEM, keyPEM []byte) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(serial),
-		Subject:      pkix.Name{CommonName: cn},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{usage},
-	}
-	if usage == x509.ExtKeyUsageServerAuth {
-		tmpl.DNSNames = []string{"localhost"}
-		tmpl.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder})
-}
-
-func writeFiles(t testing.TB, dir string, files map[string][]byte) {
-	t.Helper()
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	for name, b := range files {
-		if err := os.WriteFile(filepath.Join(dir, name), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-}
-
 // newTLSFiles builds the PKI. The server requires and verifies client
 // certificates when requireClientCert is set.
 func newTLSFiles(t testing.TB, requireClientCert bool) *tlsFiles {
 	t.Helper()
-	base := t.TempDir()
-	ca := newTLSCA(t, "csi-nbd test CA")
-	srvCert, srvKey := ca.issue(t, 2, "localhost", x509.ExtKeyUsageServerAuth)
-	cliCert, cliKey := ca.issue(t, 3, "test-client", x509.ExtKeyUsageClientAuth)
-	serverDir := filepath.Join(base, "server")
-	writeFiles(t, serverDir, map[string][]byte{"ca-cert.pem": ca.pem, "server-cert.pem": srvCert, "server-key.pem": srvKey})
+	ca := testpki.NewCA(t, "csi-nbd test CA")
+	serverDir := ca.ServerDir(t)
 	f := &tlsFiles{
-		clientDir: filepath.Join(base, "client"),
-		anonDir:   filepath.Join(base, "anon"),
-		otherDir:  filepath.Join(base, "other"),
+		clientDir: ca.ClientDir(t, true),
+		anonDir:   ca.ClientDir(t, false),
+		otherDir:  testpki.NewCA(t, "some other CA").ClientDir(t, true),
 	}
-	writeFiles(t, f.clientDir, map[string][]byte{"ca-cert.pem": ca.pem, "client-cert.pem": cliCert, "client-key.pem": cliKey})
-	writeFiles(t, f.anonDir, map[string][]byte{"ca-cert.pem": ca.pem})
-	other := newTLSCA(t, "some other CA")
-	oCert, oKey := other.issue(t, 4, "intruder", x509.ExtKeyUsageClientAuth)
-	writeFiles(t, f.otherDir, map[string][]byte{"ca-cert.pem": other.pem, "client-cert.pem": oCert, "client-key.pem": oKey})
-
 	// The server loads its files back, as a real deployment would.
 	pair, err := tls.LoadX509KeyPair(filepath.Join(serverDir, "server-cert.pem"), filepath.Join(serverDir, "server-key.pem"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(ca.pem)
 	f.server = &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12}
 	if requireClientCert {
 		f.server.ClientAuth = tls.RequireAndVerifyClientCert
-		f.server.ClientCAs = pool
+		f.server.ClientCAs = ca.Pool()
 	}
 	return f
 }
