@@ -8,15 +8,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
 	mrand "math/rand/v2"
 	"net"
 	"os"
@@ -27,6 +20,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/csi-nbd/csi-nbd/internal/testpki"
 )
 
 // testVersion is stamped into the binary the signal tests run.
@@ -155,96 +150,13 @@ func runServeErr(t *testing.T, args ...string) (int, string) {
 
 // ---- TLS ----
 
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
-}
-
-func newTestCA(t *testing.T) *testCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "csi-nbd test CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
-}
-
-// issue signs a leaf certificate; server certificates get the SANs
-// 127.0.0.1 and localhost.
-func (ca *testCA) issue(t *testing.T, cn string, serial int64, server bool) (certPEM, keyPEM []byte) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(serial),
-		Subject:      pkix.Name{CommonName: cn},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}
-	if server {
-		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
-		tmpl.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1)}
-		tmpl.DNSNames = []string{"localhost"}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder})
-}
-
-func writeFiles(t *testing.T, dir string, files map[string][]byte) {
-	t.Helper()
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	for name, data := range files {
-		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-}
-
-// tlsDirs writes nbdkit-style server certificates to srv, and libnbd-style
-// client directories: withCert has a client certificate, caOnly only the CA.
+// tlsDirs makes a throwaway CA and writes nbdkit-style server certificates
+// to srv, and libnbd-style client directories: withCert has a client
+// certificate, caOnly only the CA.
 func tlsDirs(t *testing.T) (srv, withCert, caOnly string) {
 	t.Helper()
-	ca := newTestCA(t)
-	base := t.TempDir()
-	srv, withCert, caOnly = filepath.Join(base, "server"), filepath.Join(base, "client"), filepath.Join(base, "ca-only")
-	sc, sk := ca.issue(t, "csi-nbd test server", 2, true)
-	cc, ck := ca.issue(t, "csi-nbd test client", 3, false)
-	writeFiles(t, srv, map[string][]byte{"ca-cert.pem": ca.pem, "server-cert.pem": sc, "server-key.pem": sk})
-	writeFiles(t, withCert, map[string][]byte{"ca-cert.pem": ca.pem, "client-cert.pem": cc, "client-key.pem": ck})
-	writeFiles(t, caOnly, map[string][]byte{"ca-cert.pem": ca.pem})
-	return srv, withCert, caOnly
+	ca := testpki.NewCA(t, "csi-nbd serve test CA")
+	return ca.ServerDir(t), ca.ClientDir(t, true), ca.ClientDir(t, false)
 }
 
 func TestServeTLSRequire(t *testing.T) {
@@ -282,16 +194,10 @@ func TestServeTLSVerifyPeer(t *testing.T) {
 func TestServeTLSBadFlags(t *testing.T) {
 	srvDir, _, _ := tlsDirs(t)
 	// Server certificates but no CA to verify clients with.
-	noCA := filepath.Join(t.TempDir(), "no-ca")
-	files := map[string][]byte{}
-	for _, name := range []string{"server-cert.pem", "server-key.pem"} {
-		b, err := os.ReadFile(filepath.Join(srvDir, name))
-		if err != nil {
-			t.Fatal(err)
-		}
-		files[name] = b
+	noCA, _, _ := tlsDirs(t)
+	if err := os.Remove(filepath.Join(noCA, "ca-cert.pem")); err != nil {
+		t.Fatal(err)
 	}
-	writeFiles(t, noCA, files)
 	for _, tc := range []struct {
 		args []string
 		want string
