@@ -29,10 +29,10 @@ const defaultSpec = "size=1Gi;memory:"
 const serveUsage = `Usage: csi-nbd serve [OPTIONS] [SPEC]
 
 Serves volumes to NBD clients (nbdinfo, nbdcopy, qemu, nbd-client, libnbd).
-SPEC is the default export, opened by the empty export name; it defaults to
-%q (a 1 GiB memory volume). A client may open another export name -- a
-volume spec such as "size=64Mi;memory:scratch" -- only if it matches an
---allow pattern. All connections to one volume share one open backend; a
+SPEC is the default export, opened by the empty export name; it defaults
+to %q (a 1 GiB memory volume). A client may open another
+export name -- a volume spec such as "size=64Mi;memory:scratch" -- only if
+it matches an --allow pattern. All connections to one volume share one open backend; a
 memory volume keeps its data until the server exits.
 
 Options:
@@ -119,11 +119,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}()
 	// Open the default export now so a bad backend fails at start, not
 	// at the first client.
-	if _, release, err := pool.Acquire(ctx, def); err != nil {
+	_, release, err := pool.Acquire(ctx, def)
+	if err != nil {
 		return fmt.Errorf("opening %q: %w", def.String(), err)
-	} else {
-		release()
 	}
+	release()
 	table := &exportTable{pool: pool, def: &def, allow: o.allow, readOnly: o.readOnly}
 	srv, err := nbd.NewServer(nbd.ServerConfig{Exports: table, TLSMode: mode, TLS: tlsCfg})
 	if err != nil {
