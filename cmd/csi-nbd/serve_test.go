@@ -1,18 +1,15 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 )
 
 func requireTool(t testing.TB, name string) {
@@ -30,37 +27,9 @@ func requireTool(t testing.TB, name string) {
 func startServe(t *testing.T, args ...string) string {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	ctx, cancel := context.WithCancel(context.Background())
-	pr, pw := io.Pipe()
-	var stderr bytes.Buffer
-	done := make(chan int, 1)
-	go func() {
-		done <- run(ctx, append([]string{"serve", "--listen", "unix://" + sock}, args...), pw, &stderr)
-		pw.Close()
-	}()
-	line, err := bufio.NewReader(pr).ReadString('\n')
-	if err != nil {
-		cancel()
-		t.Fatalf("serve did not start: %v; stderr: %s", err, stderr.String())
+	if got := startServeOn(t, []string{"unix://" + sock}, args...); got[0] != "unix://"+sock {
+		t.Fatalf("listening on %q, want unix://%s", got[0], sock)
 	}
-	if want := "listening on unix://" + sock + "\n"; line != want {
-		t.Fatalf("first line %q, want %q", line, want)
-	}
-	go io.Copy(io.Discard, pr)
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case code := <-done:
-			if code != 0 {
-				t.Errorf("serve exited %d: %s", code, stderr.String())
-			}
-		case <-time.After(30 * time.Second):
-			t.Errorf("serve did not stop on cancel")
-		}
-		if _, err := os.Stat(sock); !os.IsNotExist(err) {
-			t.Errorf("socket left behind: %v", err)
-		}
-	})
 	return sock
 }
 
