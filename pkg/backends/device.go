@@ -48,6 +48,18 @@ type Device interface {
 	Close() error
 }
 
+// Lender is implemented by devices whose data already sits in memory, so
+// that a read can be answered straight from it instead of from a copy.
+// Lend appends to dst slices that together hold [off, off+length) and
+// reports whether all of it is known to be zeros. The slices must stay
+// valid and must not be written through; a write that overlaps the read
+// while it is in flight may show through, which the NBD protocol leaves
+// unspecified for overlapping requests anyway. Filters do not forward it:
+// a device that wraps another lends only what it owns.
+type Lender interface {
+	Lend(off, length uint64, dst [][]byte) (vec [][]byte, zero bool, err error)
+}
+
 // Caps are the capabilities a device answers for; a filter may turn one off
 // for everything beneath it (nbdkit's can_* questions).
 type Caps struct {

@@ -41,3 +41,17 @@ func putBuf(p *[]byte) {
 		bufPools[c].Put(p)
 	}
 }
+
+// Lent-read iovecs are pooled too.
+var vecPool = sync.Pool{New: func() any { v := make([][]byte, 0, 16); return &v }}
+
+func getVec() *[][]byte { return vecPool.Get().(*[][]byte) }
+
+func putVec(v *[][]byte) {
+	if v == nil {
+		return
+	}
+	clear(*v) // drop the references to the device's memory
+	*v = (*v)[:0]
+	vecPool.Put(v)
+}

@@ -47,7 +47,8 @@ type serverConn struct {
 	minBlock   uint32
 	maxPayload uint32
 
-	inline   bool // requests run on the reader (Caps.Fast devices)
+	inline   bool            // requests run on the reader (Caps.Fast devices)
+	lender   backends.Lender // reads are written from the device's memory
 	reqs     chan *request
 	workers  int
 	idle     atomic.Int32
@@ -220,6 +221,12 @@ func (c *serverConn) transmit(ctx context.Context, exp *Export) {
 	// hand-off between threads, and replies batched per read of the
 	// socket. That is what makes queue depth 1 as fast as it can be.
 	c.inline = c.caps.Fast
+	if c.inline {
+		// Lending is a copy saved; it is only safe to write lent
+		// memory from the reader if that never blocks, and memory
+		// devices are Fast by nature anyway.
+		c.lender, _ = exp.Device.(backends.Lender)
+	}
 	c.spin.enabled = c.inline
 	c.reqs = make(chan *request, c.srv.cfg.MaxInFlight)
 	c.mem = semaphore.NewWeighted(c.srv.cfg.MaxBufferedBytes)
@@ -330,7 +337,7 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 				return err
 			}
 		}
-		if !c.inline || (r.length > inlineMaxPayload && (r.typ == CmdRead || r.typ == CmdWrite)) {
+		if !c.inline || (r.length > inlineMaxPayload && (r.typ == CmdWrite || (r.typ == CmdRead && c.lender == nil))) {
 			c.dispatch(r)
 			continue
 		}
@@ -342,7 +349,8 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 
 // inlineMaxPayload is the largest READ or WRITE the inline path runs
 // itself. Bigger ones go to workers, so that the copies of several large
-// requests run on all CPUs while the reader takes in the next payload.
+// requests run on all CPUs while the reader takes in the next payload;
+// reads from a Lender copy nothing and always run inline.
 const inlineMaxPayload = 64 << 10
 
 // inlineFlushBytes bounds the replies the inline path holds back while
@@ -541,21 +549,39 @@ func (c *serverConn) handle(r *request) {
 }
 
 func (c *serverConn) read(r *request) {
-	buf := getBuf(int(r.length))
-	if err := c.dev.ReadAt(c.ctx, *buf, r.off); err != nil {
-		putBuf(buf)
-		c.mem.Release(r.weight)
-		r.weight = 0
-		c.replyDeviceError(r, err)
-		return
-	}
 	var m outMsg
-	if c.structured && isZero(*buf) {
-		// All zeros, whatever the device: a 12-byte OFFSET_HOLE chunk
-		// instead of the data. The scan stops at the first nonzero byte,
-		// so data costs next to nothing, and it spares the wire and the
-		// client a sparse read's zeros.
-		putBuf(buf)
+	var zero bool
+	if c.lender != nil {
+		// Straight from the device's memory: no copy at all.
+		vec := getVec()
+		var err error
+		if *vec, zero, err = c.lender.Lend(r.off, uint64(r.length), (*vec)[:0]); err != nil {
+			putVec(vec)
+			c.mem.Release(r.weight)
+			r.weight = 0
+			c.replyDeviceError(r, err)
+			return
+		}
+		m.vec = vec
+	} else {
+		buf := getBuf(int(r.length))
+		if err := c.dev.ReadAt(c.ctx, *buf, r.off); err != nil {
+			putBuf(buf)
+			c.mem.Release(r.weight)
+			r.weight = 0
+			c.replyDeviceError(r, err)
+			return
+		}
+		// The scan stops at the first nonzero byte, so data costs next
+		// to nothing.
+		zero = isZero(*buf)
+		m.data, m.pooled = *buf, buf
+	}
+	if c.structured && zero {
+		// All zeros: a 12-byte OFFSET_HOLE chunk instead of the data,
+		// sparing the wire and the client a sparse read's zeros.
+		c.out.free(&m)
+		m = outMsg{}
 		c.mem.Release(r.weight)
 		r.weight = 0
 		m.chunk(r.cookie, replyFlagDone, replyTypeOffsetHole, 12)
@@ -572,7 +598,7 @@ func (c *serverConn) read(r *request) {
 	} else {
 		m.simple(r.cookie, 0)
 	}
-	m.data, m.pooled, m.weight = *buf, buf, r.weight
+	m.weight = r.weight
 	r.weight = 0
 	c.reply(r, &m)
 }

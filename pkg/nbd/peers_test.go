@@ -516,6 +516,10 @@ func TestQemuIo(t *testing.T) {
 // corruptingDevice flips a bit in everything it reads.
 type corruptingDevice struct{ *testDevice }
 
+func (d corruptingDevice) Lend(off, length uint64, dst [][]byte) ([][]byte, bool, error) {
+	return lendViaReadAt(d, off, length, dst)
+}
+
 func (d corruptingDevice) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	err := d.testDevice.ReadAt(ctx, p, off)
 	p[len(p)/2] ^= 1

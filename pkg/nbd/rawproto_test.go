@@ -1078,6 +1078,10 @@ func TestRawErrnoMapping(t *testing.T) {
 // panicDevice panics on reads at offset 0.
 type panicDevice struct{ *testDevice }
 
+func (d panicDevice) Lend(off, length uint64, dst [][]byte) ([][]byte, bool, error) {
+	return lendViaReadAt(d, off, length, dst)
+}
+
 func (d panicDevice) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	if off == 0 {
 		panic("device bug")

@@ -14,6 +14,7 @@ type outMsg struct {
 	hdr    [32]byte
 	hn     uint8
 	data   []byte
+	vec    *[][]byte // payload lent by the device, after data
 	pooled *[]byte
 	weight int64
 }
@@ -70,6 +71,11 @@ func (rw *replyWriter) add(m *outMsg) bool {
 	}
 	rw.pending = append(rw.pending, *m)
 	rw.queued += int(m.hn) + len(m.data)
+	if m.vec != nil {
+		for _, b := range *m.vec {
+			rw.queued += len(b)
+		}
+	}
 	return true
 }
 
@@ -91,6 +97,9 @@ func (rw *replyWriter) writeLocked() {
 			iov = append(iov, q[i].hdr[:q[i].hn])
 			if len(q[i].data) > 0 {
 				iov = append(iov, q[i].data)
+			}
+			if q[i].vec != nil {
+				iov = append(iov, *q[i].vec...)
 			}
 		}
 		rw.iovBack = iov
@@ -123,6 +132,7 @@ func (rw *replyWriter) writeLocked() {
 
 func (rw *replyWriter) free(m *outMsg) {
 	putBuf(m.pooled)
+	putVec(m.vec)
 	if m.weight > 0 {
 		rw.release(m.weight)
 	}

@@ -85,6 +85,33 @@ func (d *testDevice) ReadAt(_ context.Context, p []byte, off uint64) error {
 	return nil
 }
 
+// Lend lends the device's own bytes; the server uses it on the inline
+// path. Unallocated blocks are known zeros.
+func (d *testDevice) Lend(off, length uint64, dst [][]byte) ([][]byte, bool, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if err := d.failing(off, length); err != nil {
+		return dst, false, err
+	}
+	zero := true
+	for b := off / testBlock; b*testBlock < off+length; b++ {
+		zero = zero && !d.alloc[b]
+	}
+	return append(dst, d.data[off:off+length]), zero, nil
+}
+
+// lendViaReadAt lends a copy made by r's ReadAt, for test devices that
+// wrap testDevice to change what reads return.
+func lendViaReadAt(r interface {
+	ReadAt(context.Context, []byte, uint64) error
+}, off, length uint64, dst [][]byte) ([][]byte, bool, error) {
+	b := make([]byte, length)
+	if err := r.ReadAt(context.Background(), b, off); err != nil {
+		return dst, false, err
+	}
+	return append(dst, b), false, nil
+}
+
 func (d *testDevice) WriteAt(_ context.Context, p []byte, off uint64, _ bool) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()

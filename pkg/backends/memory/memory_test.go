@@ -498,3 +498,47 @@ func BenchmarkRead4KHole(b *testing.B) {
 		}
 	}
 }
+
+// Lend hands out the very bytes ReadAt would copy, and knows holes.
+func TestLendMatchesReadAt(t *testing.T) {
+	ctx := context.Background()
+	const size = 4 << 20
+	d := New(size)
+	rng := rand.New(rand.NewPCG(7, 7))
+	for i := 0; i < 50; i++ {
+		p := make([]byte, 1+rng.IntN(200<<10))
+		for j := range p {
+			p[j] = byte(rng.Uint32())
+		}
+		off := uint64(rng.IntN(size - len(p)))
+		if err := d.WriteAt(ctx, p, off, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < 200; i++ {
+		n := uint64(1 + rng.IntN(300<<10))
+		off := uint64(rng.IntN(size - int(n)))
+		want := make([]byte, n)
+		if err := d.ReadAt(ctx, want, off); err != nil {
+			t.Fatal(err)
+		}
+		vec, zero, err := d.Lend(off, n, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := bytes.Join(vec, nil); !bytes.Equal(got, want) {
+			t.Fatalf("Lend(%d, %d) differs from ReadAt", off, n)
+		}
+		if zero && bytes.ContainsFunc(want, func(r rune) bool { return r != 0 }) {
+			t.Fatalf("Lend(%d, %d) says zero over data", off, n)
+		}
+	}
+	empty := New(1 << 40)
+	vec, zero, err := empty.Lend(1<<39, 1<<20, nil)
+	if err != nil || !zero || len(bytes.Join(vec, nil)) != 1<<20 {
+		t.Fatalf("hole: zero=%v err=%v", zero, err)
+	}
+	if _, _, err := empty.Lend(1<<40-10, 20, nil); err == nil {
+		t.Fatal("out-of-range Lend succeeded")
+	}
+}

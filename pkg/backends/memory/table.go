@@ -45,7 +45,8 @@ type stripe struct {
 	_ [64 - unsafe.Sizeof(sync.RWMutex{})%64]byte
 }
 
-// zeroPage is compared against to detect all-zero data.
+// zeroPage is compared against to detect all-zero data, and stands in for
+// absent pages in lent reads. Nothing ever writes it.
 var zeroPage page
 
 // isZero reports whether b (at most a page) is all zeros.
@@ -111,6 +112,22 @@ func (t *table) read(p []byte, pi, po uint64) {
 		clear(p)
 	}
 	mu.RUnlock()
+}
+
+// lend returns bytes [po, po+n) of page pi itself (not a copy), and
+// whether they come from the shared zero page.
+func (t *table) lend(pi, po, n uint64) ([]byte, bool) {
+	var pg *page
+	if s := t.slot(pi); s != nil {
+		mu := t.lock(pi)
+		mu.RLock()
+		pg = s.Load()
+		mu.RUnlock()
+	}
+	if pg == nil {
+		return zeroPage[po : po+n], true
+	}
+	return pg[po : po+n], false
 }
 
 // write copies p into page pi at byte po. Zeros are not stored: they
