@@ -262,6 +262,7 @@ func isTimeout(err error) bool {
 // shutdown.
 func (c *serverConn) readLoop(ctx context.Context) error {
 	var hdr [requestHeaderSize]byte
+	batch := 0 // requests run inline since the last wait for the client
 	for {
 		if c.stopping.Load() {
 			return nil
@@ -271,6 +272,11 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 		}
 		if c.inline && c.br.Buffered() < requestHeaderSize {
 			c.out.flush() // about to wait for the client: answer first
+			// Spin for the next request only when the client looks
+			// like it waits for each answer; a deep queue arrives in
+			// batches and would only burn the CPU it needs.
+			c.spin.eager = batch <= 1
+			batch = 0
 		}
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 			if c.stopping.Load() && isTimeout(err) {
@@ -344,6 +350,7 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 		r.inline = true
 		c.handle(r)
 		requestPool.Put(r)
+		batch++
 	}
 }
 

@@ -21,6 +21,7 @@ type spinReader struct {
 	conn    net.Conn
 	rc      syscall.RawConn // nil: plain conn.Read
 	enabled bool            // spin (set before transmission, by the reader)
+	eager   bool            // spin on the next read (set by the reader)
 	buf     []byte
 	n       int
 	err     error
@@ -51,7 +52,7 @@ func (r *spinReader) try(fd uintptr) bool {
 	for err == syscall.EINTR {
 		n, err = syscall.Read(int(fd), r.buf)
 	}
-	if err == syscall.EAGAIN && spinning.CompareAndSwap(false, true) {
+	if err == syscall.EAGAIN && r.eager && spinning.CompareAndSwap(false, true) {
 		deadline := time.Now().Add(spinFor)
 		for err == syscall.EAGAIN && time.Now().Before(deadline) {
 			n, err = syscall.Read(int(fd), r.buf)
