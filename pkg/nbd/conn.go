@@ -308,6 +308,9 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 					requestPool.Put(r)
 					return fmt.Errorf("write of %d bytes is far over the limit: closing the connection", r.length)
 				}
+				if c.inline && c.br.Buffered() < int(r.length) {
+					c.out.flush()
+				}
 				if _, err := io.CopyN(io.Discard, c.br, int64(r.length)); err != nil {
 					requestPool.Put(r)
 					return err
