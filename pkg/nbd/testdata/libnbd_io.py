@@ -9,21 +9,11 @@ as the Go test describes; the Go side checks the device afterwards.
 Prints what it does and exits non-zero on the first failure.
 """
 
-import sys
-
 import nbd
 
+from nbdcheck import check, log, run
+
 MiB = 1 << 20
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def check(cond, what):
-    if not cond:
-        raise AssertionError(what)
-    log("ok:", what)
 
 
 def connect(uri, meta=True, structured=True, strict=True):
@@ -383,21 +373,5 @@ def case_aio_pipeline(uri):
     h.shutdown()
 
 
-def main():
-    if len(sys.argv) != 3:
-        sys.exit("usage: libnbd_io.py URI CASE")
-    uri, case = sys.argv[1], sys.argv[2]
-    fn = globals().get("case_" + case)
-    if fn is None:
-        sys.exit("unknown case %r" % case)
-    log("libnbd %s, case %s, %s" % (nbd.NBD().get_version(), case, uri))
-    try:
-        fn(uri)
-    except (AssertionError, nbd.Error) as e:
-        log("FAIL:", e)
-        sys.exit(1)
-    log("PASS")
-
-
 if __name__ == "__main__":
-    main()
+    run("libnbd_io.py", globals())

@@ -10,21 +10,11 @@ URI names the server (its export part is ignored). The Go test serves:
 Prints what it does and exits non-zero on the first failure.
 """
 
-import sys
-
 import nbd
 
+from nbdcheck import check, log, run
+
 EXPORTS = {"": ("default volume", 16 << 20), "alpha": ("first", 1 << 20), "ro": ("", 64 << 10)}
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def check(cond, what):
-    if not cond:
-        raise AssertionError(what)
-    log("ok:", what)
 
 
 def opt_handle(uri, export=""):
@@ -180,21 +170,5 @@ def case_handshake_flags(uri):
         h.shutdown()
 
 
-def main():
-    if len(sys.argv) != 3:
-        sys.exit("usage: libnbd_negotiation.py URI CASE")
-    uri, case = sys.argv[1], sys.argv[2]
-    fn = globals().get("case_" + case)
-    if fn is None:
-        sys.exit("unknown case %r" % case)
-    log("libnbd %s, case %s, %s" % (nbd.NBD().get_version(), case, uri))
-    try:
-        fn(uri)
-    except (AssertionError, nbd.Error) as e:
-        log("FAIL:", e)
-        sys.exit(1)
-    log("PASS")
-
-
 if __name__ == "__main__":
-    main()
+    run("libnbd_negotiation.py", globals())
