@@ -133,6 +133,23 @@ func (r *rawConn) expectOptReply(opt, typ uint32) rawOptReply {
 	return rep
 }
 
+// structuredWithAllocation negotiates structured replies, then selects
+// base:allocation for export, checking each reply.
+func (r *rawConn) structuredWithAllocation(export string) {
+	r.t.Helper()
+	r.sendOpt(optStructuredReply, nil)
+	r.expectOptReply(optStructuredReply, repAck)
+	r.sendOpt(optSetMetaContext, rawMetaPayload(export, AllocationContext))
+	rep := r.expectOptReply(optSetMetaContext, repMetaContext)
+	if got := string(rep.data[4:]); got != AllocationContext {
+		r.t.Fatalf("meta context %q", got)
+	}
+	if id := binary.BigEndian.Uint32(rep.data); id != allocationContextID {
+		r.t.Fatalf("meta context id %d; block status replies use %d", id, allocationContextID)
+	}
+	r.expectOptReply(optSetMetaContext, repAck)
+}
+
 func rawGoPayload(name string, infos ...uint16) []byte {
 	b := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
 	b = append(b, name...)
@@ -195,17 +212,7 @@ func (r *rawConn) negotiate(name string, structured bool) (size uint64, flags ui
 func (r *rawConn) haggle(name string, structured bool) (size uint64, flags uint16) {
 	r.t.Helper()
 	if structured {
-		r.sendOpt(optStructuredReply, nil)
-		r.expectOptReply(optStructuredReply, repAck)
-		r.sendOpt(optSetMetaContext, rawMetaPayload(name, AllocationContext))
-		rep := r.expectOptReply(optSetMetaContext, repMetaContext)
-		if got := string(rep.data[4:]); got != AllocationContext {
-			r.t.Fatalf("meta context %q", got)
-		}
-		if id := binary.BigEndian.Uint32(rep.data); id != allocationContextID {
-			r.t.Fatalf("meta context id %d; block status replies use %d", id, allocationContextID)
-		}
-		r.expectOptReply(optSetMetaContext, repAck)
+		r.structuredWithAllocation(name)
 	}
 	size, flags, _ = r.goInfo(optGo, name, infoBlockSize)
 	r.structured = structured
@@ -546,11 +553,7 @@ func TestRawHandshake(t *testing.T) {
 		// negotiated before it, like GO.
 		r := rawDial(t, s)
 		r.greet(clientFlagFixedNewstyle | clientFlagNoZeroes)
-		r.sendOpt(optStructuredReply, nil)
-		r.expectOptReply(optStructuredReply, repAck)
-		r.sendOpt(optSetMetaContext, rawMetaPayload("", AllocationContext))
-		r.expectOptReply(optSetMetaContext, repMetaContext)
-		r.expectOptReply(optSetMetaContext, repAck)
+		r.structuredWithAllocation("")
 		r.sendOpt(optExportName, nil)
 		b := r.readFull(10)
 		if f := binary.BigEndian.Uint16(b[8:]); f&FlagSendDF == 0 {
@@ -615,11 +618,7 @@ func TestRawMetaContext(t *testing.T) {
 		// A context chosen for export "b" does not apply to "".
 		r := rawDial(t, s)
 		r.greet(clientFlagFixedNewstyle)
-		r.sendOpt(optStructuredReply, nil)
-		r.expectOptReply(optStructuredReply, repAck)
-		r.sendOpt(optSetMetaContext, rawMetaPayload("b", AllocationContext))
-		r.expectOptReply(optSetMetaContext, repMetaContext)
-		r.expectOptReply(optSetMetaContext, repAck)
+		r.structuredWithAllocation("b")
 		r.goInfo(optGo, "")
 		r.structured = true
 		r.expectErrno(EINVAL, 0, CmdBlockStatus, 0, 4096, nil)
@@ -630,11 +629,7 @@ func TestRawMetaContext(t *testing.T) {
 		// contexts "including when this command fails".
 		r := rawDial(t, s)
 		r.greet(clientFlagFixedNewstyle)
-		r.sendOpt(optStructuredReply, nil)
-		r.expectOptReply(optStructuredReply, repAck)
-		r.sendOpt(optSetMetaContext, rawMetaPayload("", AllocationContext))
-		r.expectOptReply(optSetMetaContext, repMetaContext)
-		r.expectOptReply(optSetMetaContext, repAck)
+		r.structuredWithAllocation("")
 		p := rawMetaPayload("", AllocationContext)
 		r.sendOpt(optSetMetaContext, p[:len(p)-1])
 		r.expectOptReply(optSetMetaContext, repErrInvalid)

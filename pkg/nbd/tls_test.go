@@ -251,11 +251,7 @@ func TestTLSOn(t *testing.T) {
 		// do not survive STARTTLS (proto.md).
 		r := rawDial(t, s)
 		r.greet(clientFlagFixedNewstyle | clientFlagNoZeroes)
-		r.sendOpt(optStructuredReply, nil)
-		r.expectOptReply(optStructuredReply, repAck)
-		r.sendOpt(optSetMetaContext, rawMetaPayload("", AllocationContext))
-		r.expectOptReply(optSetMetaContext, repMetaContext)
-		r.expectOptReply(optSetMetaContext, repAck)
+		r.structuredWithAllocation("")
 		r.sendOpt(optStartTLS, nil)
 		r.expectOptReply(optStartTLS, repAck)
 		r.upgradeTLS(f)
