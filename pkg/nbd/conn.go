@@ -163,7 +163,7 @@ func (s *Server) ServeTransmission(ctx context.Context, conn net.Conn, exp *Expo
 }
 
 // exportFlags returns the size and transmission flags advertised for exp.
-func (c *serverConn) exportFlags(exp *Export, structured bool) (uint64, uint16) {
+func exportFlags(exp *Export, structured bool) (uint64, uint16) {
 	caps := exp.Device.Caps()
 	f := uint16(FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendCache)
 	if exp.ReadOnly || caps.ReadOnly {

@@ -168,7 +168,7 @@ func (n *negotiation) exportName(ctx context.Context, name string) (*Export, fun
 	if n.metaSet && n.metaExport != name {
 		n.metaAlloc = false
 	}
-	size, tflags := n.c.exportFlags(exp, n.structured)
+	size, tflags := exportFlags(exp, n.structured)
 	buf := make([]byte, 10, 134)
 	binary.BigEndian.PutUint64(buf[0:], size)
 	binary.BigEndian.PutUint16(buf[8:], tflags)
@@ -275,7 +275,7 @@ func (n *negotiation) infoGo(ctx context.Context, opt uint32, data []byte) (*Exp
 	if opt == optGo && n.metaSet && n.metaExport != name {
 		n.metaAlloc = false
 	}
-	size, tflags := n.c.exportFlags(exp, structured)
+	size, tflags := exportFlags(exp, structured)
 	p := make([]byte, 12)
 	binary.BigEndian.PutUint16(p[0:], infoExport)
 	binary.BigEndian.PutUint64(p[2:], size)

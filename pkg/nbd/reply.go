@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 )
 
 // outMsg is one reply (or structured chunk) waiting to be written. It owns
@@ -34,6 +35,7 @@ type replyWriter struct {
 	spare    []outMsg
 	flushing bool
 	err      error
+	broken   atomic.Bool // err != nil
 	iov      net.Buffers
 	iovBack  net.Buffers
 }
@@ -117,6 +119,7 @@ func (rw *replyWriter) writeLocked() {
 		rw.spare = q[:0]
 		if err != nil {
 			rw.err = err
+			rw.broken.Store(true)
 		}
 	}
 	if rw.err != nil {
@@ -138,7 +141,12 @@ func (rw *replyWriter) free(m *outMsg) {
 	}
 }
 
+// failed returns the write error that broke the connection, if any. The
+// reader asks before every request, so the common answer costs no lock.
 func (rw *replyWriter) failed() error {
+	if !rw.broken.Load() {
+		return nil
+	}
 	rw.mu.Lock()
 	defer rw.mu.Unlock()
 	return rw.err
