@@ -51,6 +51,8 @@ type serveOptions struct {
 	tlsCertDir  string
 	tlsVerify   bool
 	shutdownMax time.Duration
+	secretsDir  string
+	stateDir    string
 }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -63,6 +65,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&o.tlsMode, "tls", "off", "TLS through NBD_OPT_STARTTLS: off, on (offered) or require")
 	fs.StringVar(&o.tlsCertDir, "tls-certificates", "", "directory with server-cert.pem, server-key.pem and (for --tls-verify-peer) ca-cert.pem, as nbdkit expects")
 	fs.BoolVar(&o.tlsVerify, "tls-verify-peer", false, "require a client certificate signed by ca-cert.pem")
+	fs.StringVar(&o.secretsDir, "secrets-dir", "", "directory of backend credentials, one file per key (a mounted Secret's layout): access-key-id, secret-access-key, ...")
+	fs.StringVar(&o.stateDir, "state-dir", "", "directory for volumes' local files (cache blocks, cow overlays); default under $TMPDIR")
 	fs.DurationVar(&o.shutdownMax, "shutdown-timeout", 30*time.Second, "on SIGTERM, how long to let in-flight requests finish")
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(klogFlags)
@@ -111,7 +115,13 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 
-	pool := backends.NewPool()
+	env := backends.Env{StateDir: o.stateDir, Owner: hostOwner()}
+	if o.secretsDir != "" {
+		if env.Secrets, err = backends.ReadSecretsDir(o.secretsDir); err != nil {
+			return fmt.Errorf("--secrets-dir: %w", err)
+		}
+	}
+	pool := backends.NewPool(env)
 	defer func() {
 		if err := pool.Close(); err != nil {
 			klog.ErrorS(err, "Closing volumes")
@@ -246,4 +256,14 @@ func loadServerTLS(dir string, verifyPeer bool) (*tls.Config, error) {
 		cfg.ClientAuth = tls.RequireAndVerifyClientCert
 	}
 	return cfg, nil
+}
+
+// hostOwner names this process for backend leases: host name and PID, so
+// two servers on one host are told apart too.
+func hostOwner() string {
+	h, err := os.Hostname()
+	if err != nil {
+		h = "unknown-host"
+	}
+	return fmt.Sprintf("csi-nbd-serve@%s/%d", h, os.Getpid())
 }

@@ -61,7 +61,7 @@ var (
 	fakeGates = map[string]chan struct{}{} // opens of a URL wait for its gate
 )
 
-func openFake(_ context.Context, s backends.Spec) (backends.Device, error) {
+func openFake(_ context.Context, s backends.Spec, _ backends.Env) (backends.Device, error) {
 	fakeMu.Lock()
 	gate := fakeGates[s.URL]
 	fakeMu.Unlock()
@@ -79,8 +79,8 @@ func openFake(_ context.Context, s backends.Spec) (backends.Device, error) {
 	return d, nil
 }
 
-func wrapFake(name string) func(context.Context, backends.Spec, backends.Device) (backends.Device, error) {
-	return func(_ context.Context, s backends.Spec, inner backends.Device) (backends.Device, error) {
+func wrapFake(name string) func(context.Context, backends.Spec, backends.Env, backends.Device) (backends.Device, error) {
+	return func(_ context.Context, s backends.Spec, _ backends.Env, inner backends.Device) (backends.Device, error) {
 		if v, _ := s.Options[name]; v == "1" || strings.Contains(s.URL, "wrapfail-"+name) {
 			return nil, errors.New("fake wrap failure")
 		}

@@ -22,6 +22,7 @@ type Pool struct {
 	mu      sync.Mutex
 	closed  bool
 	devices map[string]*poolEntry // by canonical spec
+	env     Env
 }
 
 type poolEntry struct {
@@ -31,9 +32,9 @@ type poolEntry struct {
 	refs  int // Acquires not yet released; informational
 }
 
-// NewPool returns an empty pool.
-func NewPool() *Pool {
-	return &Pool{devices: map[string]*poolEntry{}}
+// NewPool returns an empty pool whose devices are opened with env.
+func NewPool(env Env) *Pool {
+	return &Pool{devices: map[string]*poolEntry{}, env: env}
 }
 
 // Acquire returns the device for s, opening it on first use. It is keyed
@@ -77,7 +78,7 @@ func (p *Pool) Acquire(ctx context.Context, s Spec) (dev Device, release func(),
 
 // open opens the device for e, which Acquire has just put in the map.
 func (p *Pool) open(ctx context.Context, key string, e *poolEntry, s Spec) (Device, func(), error) {
-	dev, err := Open(ctx, s)
+	dev, err := Open(ctx, s, p.env)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if err == nil && p.closed {

@@ -27,7 +27,7 @@ func opens(url string) int {
 }
 
 func TestPoolSharesOneOpen(t *testing.T) {
-	p := backends.NewPool()
+	p := backends.NewPool(backends.Env{})
 	defer p.Close()
 	ctx := context.Background()
 	const url = "fake:pool-share"
@@ -85,7 +85,7 @@ func TestPoolSharesOneOpen(t *testing.T) {
 }
 
 func TestPoolOpenFailureRetries(t *testing.T) {
-	p := backends.NewPool()
+	p := backends.NewPool(backends.Env{})
 	defer p.Close()
 	ctx := context.Background()
 	const url = "fake:pool-openfail"
@@ -117,7 +117,7 @@ func TestPoolOpenFailureRetries(t *testing.T) {
 }
 
 func TestPoolWaiterContext(t *testing.T) {
-	p := backends.NewPool()
+	p := backends.NewPool(backends.Env{})
 	defer p.Close()
 	const url = "fake:pool-ctx"
 	unblock := gate(url)
@@ -142,7 +142,7 @@ func TestPoolWaiterContext(t *testing.T) {
 }
 
 func TestPoolClose(t *testing.T) {
-	p := backends.NewPool()
+	p := backends.NewPool(backends.Env{})
 	ctx := context.Background()
 	dev, _, err := p.Acquire(ctx, mustParse(t, "fake:pool-close"))
 	if err != nil {
@@ -186,7 +186,7 @@ func TestPoolClose(t *testing.T) {
 
 // A memory volume keeps its data across connections.
 func TestPoolMemoryPersists(t *testing.T) {
-	p := backends.NewPool()
+	p := backends.NewPool(backends.Env{})
 	defer p.Close()
 	ctx := context.Background()
 	s := mustParse(t, "size=1Mi;memory:persist")

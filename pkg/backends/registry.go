@@ -21,9 +21,10 @@ type Backend struct {
 	// is parsed, so bad volumes are refused at creation, not at attach.
 	// Open must still check everything itself.
 	Validate func(s Spec) error
-	// Open opens the device for s (already parsed, options canonical).
-	// ctx bounds the opening only; the device must not keep it.
-	Open func(ctx context.Context, s Spec) (Device, error)
+	// Open opens the device for s (already parsed, options canonical)
+	// with env's secrets and local paths. ctx bounds the opening only;
+	// the device must not keep it.
+	Open func(ctx context.Context, s Spec, env Env) (Device, error)
 }
 
 // Filter wraps a backend's Device to add a feature (caching, copy on
@@ -42,7 +43,7 @@ type Filter struct {
 	Enabled func(s Spec) bool
 	// Wrap returns inner wrapped by the filter; closing the result must
 	// close inner. On error Wrap must leave inner open: Open closes it.
-	Wrap func(ctx context.Context, s Spec, inner Device) (Device, error)
+	Wrap func(ctx context.Context, s Spec, env Env, inner Device) (Device, error)
 }
 
 var registry struct {
@@ -246,14 +247,14 @@ func Filters() []Filter {
 // Open opens the volume s names: the backend for its scheme, wrapped by
 // every filter s enables, innermost (lowest Order) first. If a filter
 // fails, everything opened so far is closed again.
-func Open(ctx context.Context, s Spec) (Device, error) {
+func Open(ctx context.Context, s Spec, env Env) (Device, error) {
 	// Re-check the options so a hand-built Spec gets the same validation
 	// as a parsed one (the URL itself is the backend's to check).
 	s, b, err := normalize(s)
 	if err != nil {
 		return nil, err
 	}
-	dev, err := b.Open(ctx, s)
+	dev, err := b.Open(ctx, s, env)
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", quote(s.String()), err)
 	}
@@ -261,7 +262,7 @@ func Open(ctx context.Context, s Spec) (Device, error) {
 		if !f.enabled(s) {
 			continue
 		}
-		w, err := f.Wrap(ctx, s, dev)
+		w, err := f.Wrap(ctx, s, env, dev)
 		if err != nil {
 			err = fmt.Errorf("open %s: filter %s: %w", quote(s.String()), f.Name, err)
 			return nil, errors.Join(err, dev.Close())

@@ -48,7 +48,7 @@ func TestOpenStacksFilters(t *testing.T) {
 		{"tst-outer=false;fake:one", []string{"tst-outer", "fake:one"}},
 		{"tst-outer=true,tst-inner=2Ki;fake:two", []string{"tst-outer", "tst-inner", "fake:two"}},
 	} {
-		dev, err := backends.Open(ctx, mustParse(t, tc.spec))
+		dev, err := backends.Open(ctx, mustParse(t, tc.spec), backends.Env{})
 		if err != nil {
 			t.Errorf("Open(%q): %v", tc.spec, err)
 			continue
@@ -62,7 +62,7 @@ func TestOpenStacksFilters(t *testing.T) {
 // A failing filter closes the layers beneath it exactly once.
 func TestOpenWrapFailureCloses(t *testing.T) {
 	sp := mustParse(t, "tst-inner=4Ki,tst-outer=true;fake:wrapfail-tst-outer")
-	_, err := backends.Open(context.Background(), sp)
+	_, err := backends.Open(context.Background(), sp, backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), "filter tst-outer: fake wrap failure") {
 		t.Fatalf("Open error = %v", err)
 	}
@@ -76,7 +76,7 @@ func TestOpenWrapFailureCloses(t *testing.T) {
 
 func TestOpenErrors(t *testing.T) {
 	ctx := context.Background()
-	if _, err := backends.Open(ctx, mustParse(t, "fake:openfail")); err == nil || !strings.Contains(err.Error(), `open "fake:openfail": fake open failure`) {
+	if _, err := backends.Open(ctx, mustParse(t, "fake:openfail"), backends.Env{}); err == nil || !strings.Contains(err.Error(), `open "fake:openfail": fake open failure`) {
 		t.Errorf("Open(fake:openfail) error = %v", err)
 	}
 	// Hand-built specs get the same option checks as parsed ones.
@@ -86,15 +86,17 @@ func TestOpenErrors(t *testing.T) {
 		{URL: "memory:", Options: map[string]string{"bogus": "1"}},
 		{URL: "fakereq:"},
 	} {
-		if _, err := backends.Open(ctx, s); !errors.Is(err, backends.ErrInvalidSpec) {
+		if _, err := backends.Open(ctx, s, backends.Env{}); !errors.Is(err, backends.ErrInvalidSpec) {
 			t.Errorf("Open(%#v) error = %v; want ErrInvalidSpec", s, err)
 		}
 	}
 }
 
 func TestRegisterPanics(t *testing.T) {
-	nop := func(context.Context, backends.Spec) (backends.Device, error) { return nil, nil }
-	wrap := func(context.Context, backends.Spec, backends.Device) (backends.Device, error) { return nil, nil }
+	nop := func(context.Context, backends.Spec, backends.Env) (backends.Device, error) { return nil, nil }
+	wrap := func(context.Context, backends.Spec, backends.Env, backends.Device) (backends.Device, error) {
+		return nil, nil
+	}
 	for name, reg := range map[string]func(){
 		"duplicate scheme": func() { backends.Register(backends.Backend{Scheme: "memory", Open: nop}) },
 		"bad scheme":       func() { backends.Register(backends.Backend{Scheme: "Bad", Open: nop}) },

@@ -24,7 +24,7 @@ func init() {
 			_, err := load(s)
 			return err
 		},
-		Open: func(_ context.Context, s backends.Spec) (backends.Device, error) {
+		Open: func(_ context.Context, s backends.Spec, _ backends.Env) (backends.Device, error) {
 			return load(s)
 		},
 	})

@@ -71,7 +71,7 @@ func open(t *testing.T, spec string) backends.Device {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := backends.Open(ctx, s)
+	d, err := backends.Open(ctx, s, backends.Env{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -159,7 +159,7 @@ func TestSizeTooSmall(t *testing.T) {
 		t.Errorf("error = %v; want one naming option size", err)
 	}
 	// Open checks too, for specs that skipped Parse.
-	_, err = backends.Open(ctx, backends.Spec{Options: map[string]string{"size": "4"}, URL: "data:,hello"})
+	_, err = backends.Open(ctx, backends.Spec{Options: map[string]string{"size": "4"}, URL: "data:,hello"}, backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), `option "size"`) {
 		t.Errorf("Open error = %v; want one naming option size", err)
 	}
@@ -179,7 +179,7 @@ func FuzzDataURI(f *testing.F) {
 			if perr != nil {
 				t.Fatalf("Decode(%q) ok but Parse: %v", in, perr)
 			}
-			d, oerr := backends.Open(ctx, s)
+			d, oerr := backends.Open(ctx, s, backends.Env{})
 			if oerr != nil {
 				t.Fatalf("Open(%q): %v", in, oerr)
 			}

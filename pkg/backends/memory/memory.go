@@ -31,7 +31,7 @@ func init() {
 			_, err := volumeSize(s)
 			return err
 		},
-		Open: func(_ context.Context, s backends.Spec) (backends.Device, error) {
+		Open: func(_ context.Context, s backends.Spec, _ backends.Env) (backends.Device, error) {
 			size, err := volumeSize(s)
 			if err != nil {
 				return nil, err

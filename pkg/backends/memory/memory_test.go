@@ -274,7 +274,7 @@ func TestHugeVolume(t *testing.T) {
 	const size = 1 << 40
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
-	dev, err := backends.Open(ctx, backends.Spec{Options: map[string]string{"size": "1Ti"}, URL: "memory:huge"})
+	dev, err := backends.Open(ctx, backends.Spec{Options: map[string]string{"size": "1Ti"}, URL: "memory:huge"}, backends.Env{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -359,7 +359,7 @@ func TestCapsAndOpen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dev, err := backends.Open(ctx, s)
+	dev, err := backends.Open(ctx, s, backends.Env{})
 	if err != nil {
 		t.Fatal(err)
 	}
