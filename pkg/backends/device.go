@@ -18,7 +18,7 @@ import (
 // wrap a syscall.Errno where one fits (EPERM, ENOSPC, EINVAL, ENOTSUP, EIO…):
 // the server maps them onto the protocol's error codes, anything else is EIO.
 type Device interface {
-	// Size is the device size in bytes; it does not change while open.
+	// Size is the device size in bytes; it changes only through Resizer.
 	Size() uint64
 	// Caps says what the device can do. It is constant while open.
 	Caps() Caps
@@ -116,3 +116,23 @@ var (
 	ErrNoSpace      = fmt.Errorf("no space left: %w", syscall.ENOSPC)
 	ErrInvalid      = fmt.Errorf("invalid request: %w", syscall.EINVAL)
 )
+
+// Resizer is implemented by devices that can grow while open (volume
+// expansion). After a successful Resize, Size reports the new size; a
+// filter implements it only by forwarding to the device it wraps and
+// adjusting its own state. Shrinking is refused with ErrInvalid.
+type Resizer interface {
+	Resize(ctx context.Context, size uint64) error
+}
+
+// Resize grows dev to size if it (and every filter in it) supports that.
+func Resize(ctx context.Context, dev Device, size uint64) error {
+	if size == dev.Size() {
+		return nil
+	}
+	r, ok := dev.(Resizer)
+	if !ok {
+		return fmt.Errorf("resize: %w", ErrNotSupported)
+	}
+	return r.Resize(ctx, size)
+}
