@@ -2,6 +2,7 @@
 # Installs what the tests need on Debian: the real NBD clients and servers
 # the tests use as oracles and peers. Idempotent and quick when all is there.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio)
 
@@ -25,3 +26,20 @@ if ! command -v go >/dev/null; then
   fi
   exit 1
 fi
+
+# Go programs the tests run as real peers, pinned, built once per machine
+# into $TOOLS_CACHE (outside the checkout, so a clean clone reuses them).
+# Tests find them on PATH: hack/test.sh adds $TOOLS_CACHE/bin.
+TOOLS_CACHE=${TOOLS_CACHE:-/var/cache/csi-nbd/tools}
+go_tools=(
+)
+mkdir -p "$TOOLS_CACHE/bin"
+for spec in "${go_tools[@]}"; do
+  pkg=${spec%@*} ver=${spec##*@} name=$(basename "${spec%@*}")
+  stamp="$TOOLS_CACHE/stamps/$name@$ver"
+  if [ ! -e "$stamp" ] || [ ! -x "$TOOLS_CACHE/bin/$name" ]; then
+    echo "building $name $ver (once per machine)"
+    GOBIN="$TOOLS_CACHE/bin" go install "$pkg@$ver"
+    mkdir -p "$TOOLS_CACHE/stamps" && touch "$stamp"
+  fi
+done

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 export PATH=$PATH:/usr/local/go/bin
 
 hack/deps.sh
+export PATH=${TOOLS_CACHE:-/var/cache/csi-nbd/tools}/bin:$PATH
 
 echo "== gofmt, go vet"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
