@@ -139,3 +139,26 @@ func TestRegisterPanics(t *testing.T) {
 		t.Errorf("failed registrations changed Schemes: %v", backends.Schemes())
 	}
 }
+
+func TestCommonVolumeOption(t *testing.T) {
+	a := mustParse(t, "volume=pvc-1;data:,hello")
+	b := mustParse(t, "volume=pvc-2;data:,hello")
+	if a.String() == b.String() || backends.VolumeKey(a) == backends.VolumeKey(b) {
+		t.Errorf("volume= does not tell %q and %q apart", a, b)
+	}
+	dev, err := backends.Open(context.Background(), a, backends.Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	if dev.Size() != 5 {
+		t.Errorf("size %d; the volume option must not change the data", dev.Size())
+	}
+	defer func() {
+		if recover() == nil {
+			t.Error("registering a backend option named volume did not panic")
+		}
+	}()
+	backends.Register(backends.Backend{Scheme: "clashvol", Open: func(context.Context, backends.Spec, backends.Env) (backends.Device, error) { return nil, nil },
+		Options: []backends.Option{{Key: "volume", Kind: backends.OptString}}})
+}
