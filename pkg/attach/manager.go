@@ -856,4 +856,3 @@ func (m *Manager) Close() error {
 	}
 	return errors.Join(errs...)
 }
-

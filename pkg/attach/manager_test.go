@@ -28,8 +28,8 @@ func (persistentDev) Close() error { return nil }
 
 func init() {
 	backends.Register(backends.Backend{
-		Scheme: "attachtest",
-		Doc:    "test volume that survives Close",
+		Scheme:  "attachtest",
+		Doc:     "test volume that survives Close",
 		Options: []backends.Option{{Key: "size", Kind: backends.OptSize, Default: "16Mi"}},
 		Open: func(_ context.Context, s backends.Spec, env backends.Env) (backends.Device, error) {
 			if want, ok := s.Value("size"); ok && want == "13Mi" && env.Secrets["token"] != "s3cret" {

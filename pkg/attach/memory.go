@@ -49,4 +49,3 @@ func ioFlusherThreads() (marked, total int, err error) {
 }
 
 const pfMemallocNoIO = 0x00080000 // include/linux/sched.h
-

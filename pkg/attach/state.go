@@ -19,7 +19,7 @@ type record struct {
 	Version int     `json:"version"`
 	ID      string  `json:"id"`
 	Spec    string  `json:"spec"`
-	Kind    string  `json:"kind"` // KindNBD or KindFuseLoop
+	Kind    string  `json:"kind"`  // KindNBD or KindFuseLoop
 	Index   int     `json:"index"` // nbd device index; -1 until CONNECT answered
 	Path    string  `json:"path,omitempty"`
 	Backend string  `json:"backendIdentifier,omitempty"`
