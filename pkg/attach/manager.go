@@ -143,6 +143,8 @@ type volume struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	live   atomic.Int32 // connections being served
+	connMu sync.Mutex
+	conns  map[net.Conn]struct{} // our ends, being served
 
 	detaching atomic.Bool
 	gone      chan struct{}
@@ -343,6 +345,7 @@ func (m *Manager) newVolume(rec record, dev backends.Device) *volume {
 		ctx:    ctx,
 		cancel: cancel,
 		gone:   make(chan struct{}),
+		conns:  map[net.Conn]struct{}{},
 	}
 }
 
@@ -373,8 +376,14 @@ func (m *Manager) serve(v *volume, n int) ([]*os.File, error) {
 		}
 		theirs = append(theirs, os.NewFile(uintptr(fds[1]), "nbd-kernel"))
 		v.live.Add(1)
+		v.connMu.Lock()
+		v.conns[conn] = struct{}{}
+		v.connMu.Unlock()
 		go func() {
 			v.srv.ServeTransmission(v.ctx, conn, v.exp)
+			v.connMu.Lock()
+			delete(v.conns, conn)
+			v.connMu.Unlock()
 			v.live.Add(-1)
 			m.connEnded(v)
 		}()

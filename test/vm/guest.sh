@@ -1,0 +1,140 @@
+#!/bin/busybox sh
+# /init of the test VM: exercises csi-nbd attach against the real nbd
+# driver. Prints "VMTEST: ..." progress, "VMTEST FAIL: ..." on failure and
+# "VMTEST PASS" at the end, then powers off.
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+mount -t tmpfs run /run
+
+log() { echo "VMTEST: $*"; }
+fail() {
+	echo "VMTEST FAIL: $*"
+	for f in /tmp/*.err; do [ -s "$f" ] && { echo "--- $f"; tail -n 20 "$f"; }; done
+	dmesg | tail -n 40
+	poweroff -f
+	sleep 60
+}
+uptime_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
+
+# first_line FILE SECONDS: wait for a process to print its first line.
+first_line() {
+	i=0
+	while [ ! -s "$1" ]; do
+		i=$((i + 1))
+		[ $i -gt $(($2 * 10)) ] && return 1
+		sleep 0.1
+	done
+	head -n 1 "$1"
+}
+
+# Every serving thread must carry PF_MEMALLOC_NOIO (PR_SET_IO_FLUSHER).
+check_io_flusher() {
+	for s in /proc/$1/task/*/stat; do
+		flags=$(sed 's/.*) //' "$s" | cut -d' ' -f7)
+		[ $((flags & 0x80000)) -ne 0 ] || fail "thread $s of pid $1 is not an I/O flusher (flags $flags)"
+	done
+}
+
+depmod || fail "depmod"
+modprobe crc32c_generic && modprobe ext4 || fail "loading ext4"
+lsmod | grep -q '^nbd' && fail "nbd loaded before csi-nbd attach asked for it"
+log "booted $(uname -r), uptime $(uptime_ms) ms"
+
+memory_volume() {
+	n=$1
+	st=/run/mem$n
+	csi-nbd attach --state-dir $st --connections $n "size=256Mi;memory:mem$n" >/tmp/mem$n.out 2>/tmp/mem$n.err &
+	pid=$!
+	dev=$(first_line /tmp/mem$n.out 60) || fail "attach of a memory volume with $n connections printed no device"
+	[ -b "$dev" ] || fail "$dev is not a block device"
+	check_io_flusher $pid
+	q=/sys/block/${dev#/dev/}/queue
+	log "memory, $n connection(s): $dev, scheduler $(cat $q/scheduler), rotational $(cat $q/rotational), hw queues $(ls $q/../mq | wc -l), backend $(cat /sys/block/${dev#/dev/}/backend)"
+	
+	mkfs.ext4 -q -F "$dev" || fail "mkfs.ext4 $dev"
+	mount "$dev" /mnt || fail "mount $dev"
+	dd if=/dev/urandom of=/tmp/blob bs=1M count=24 2>/dev/null
+	want=$(sha256sum </tmp/blob)
+	cp /tmp/blob /mnt/blob && sync || fail "write to $dev"
+	umount /mnt || fail "umount"
+	echo 3 >/proc/sys/vm/drop_caches
+	mount "$dev" /mnt || fail "remount $dev"
+	[ "$(sha256sum </mnt/blob)" = "$want" ] || fail "checksum after remount differs ($n connections)"
+	rm /mnt/blob
+	fstrim -v /mnt >/tmp/fstrim.out 2>&1 || { cat /tmp/fstrim.out; fail "fstrim"; }
+	log "memory, $n connection(s): $(cat /tmp/fstrim.out)"
+	sync
+	umount /mnt || fail "umount"
+	csi-nbd detach --state-dir $st "$dev" 2>/tmp/detach$n.err || fail "csi-nbd detach $dev"
+	wait $pid || fail "csi-nbd attach exited with status $? after detach"
+	ls $st/volumes/*.json >/dev/null 2>&1 && fail "the record of $dev outlived its detach"
+	[ "$(cat /sys/block/${dev#/dev/}/size)" = 0 ] || fail "$dev still has a size after detach"
+	log "memory, $n connection(s): mkfs, mount, write, verify, trim, detach ok"
+}
+
+memory_volume 1
+memory_volume 4
+
+# The restart: a file volume (it outlives its server), a writer that
+# fsyncs every file, the server SIGKILLed in the middle, re-served by
+# --resume. The writer must see no error and every file must verify.
+st=/run/file
+csi-nbd attach --state-dir $st --connections 2 --timeout 30s --dead-conn-timeout 90s \
+	"size=384Mi;file:///tmp/volume.img" >/tmp/file1.out 2>/tmp/file1.err &
+pid=$!
+dev=$(first_line /tmp/file1.out 60) || fail "attach of a file volume printed no device"
+mkfs.ext4 -q -F "$dev" || fail "mkfs.ext4 $dev"
+mount "$dev" /mnt || fail "mount $dev"
+: >/tmp/sums
+(
+	errors=0
+	i=0
+	while [ $i -lt 80 ]; do
+		i=$((i + 1))
+		dd if=/dev/urandom of=/tmp/src bs=64k count=8 2>/dev/null
+		if ! dd if=/tmp/src of=/mnt/f$i bs=64k conv=fsync 2>/tmp/dd.err; then
+			errors=$((errors + 1))
+			cat /tmp/dd.err
+		fi
+		echo "$(sha256sum </tmp/src | cut -d' ' -f1)  /mnt/f$i" >>/tmp/sums
+	done
+	echo $errors >/tmp/writer.result
+) &
+writer=$!
+sleep 3
+[ -e /tmp/writer.result ] && fail "the writer finished before the kill: the test would prove nothing"
+kill -9 $pid
+killed=$(uptime_ms)
+log "serving process $pid killed after $(wc -l </tmp/sums) of 80 files"
+csi-nbd attach --resume --state-dir $st >/tmp/file2.out 2>/tmp/file2.err &
+pid2=$!
+dev2=$(first_line /tmp/file2.out 60) || fail "attach --resume printed no device"
+served=$(uptime_ms)
+[ "$dev2" = "$dev" ] || fail "resume served $dev2, want $dev"
+check_io_flusher $pid2
+log "re-served $dev $((served - killed)) ms after the kill (process start to RECONFIGURE: $(grep -o 're-served [0-9].*' /tmp/file2.err))"
+wait $writer
+errors=$(cat /tmp/writer.result)
+[ "$errors" = 0 ] || fail "the writer saw $errors I/O errors across the restart"
+umount /mnt || fail "umount after restart"
+echo 3 >/proc/sys/vm/drop_caches
+mount "$dev" /mnt || fail "remount after restart"
+sha256sum -c /tmp/sums >/tmp/sumcheck 2>&1 || { grep -v OK /tmp/sumcheck; fail "checksums differ after the restart"; }
+log "restart: $(wc -l </tmp/sums) files written through a SIGKILL of the server, zero I/O errors, all verified after remount"
+umount /mnt
+dmesg | grep -E "I/O error|EXT4-fs error|Aborting journal" && fail "the kernel reported I/O errors"
+csi-nbd detach --state-dir $st "$dev" || fail "detach after restart"
+wait $pid2 || fail "resumed csi-nbd attach exited with status $?"
+
+if [ -x /bin/attach.test ]; then
+	CSI_NBD_KERNEL_TEST=1 /bin/attach.test -test.run "Kernel|IOFlusher" -test.v >/tmp/gotest.out 2>&1 || { cat /tmp/gotest.out; fail "go tests against the kernel"; }
+	grep -E '^(---|ok|PASS)|VMLOG' /tmp/gotest.out | sed 's/^/VMTEST: go: /'
+fi
+
+echo "VMTEST PASS"
+poweroff -f
+sleep 60
