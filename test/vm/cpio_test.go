@@ -17,7 +17,9 @@ type cpioWriter struct {
 	err  error
 }
 
-func newCpio(w io.Writer) *cpioWriter { return &cpioWriter{w: w, ino: 1, dirs: map[string]bool{"": true, ".": true}} }
+func newCpio(w io.Writer) *cpioWriter {
+	return &cpioWriter{w: w, ino: 1, dirs: map[string]bool{"": true, ".": true}}
+}
 
 func (c *cpioWriter) entry(name string, mode uint32, data []byte) {
 	if c.err != nil {

@@ -238,4 +238,3 @@ func tail(b []byte, lines int) string {
 	}
 	return strings.Join(s, "\n")
 }
-
