@@ -130,6 +130,31 @@ dmesg | grep -E "I/O error|EXT4-fs error|Aborting journal" && fail "the kernel r
 csi-nbd detach --state-dir $st "$dev" || fail "detach after restart"
 wait $pid2 || fail "resumed csi-nbd attach exited with status $?"
 
+# Memory pressure: tmpfs pins most of the RAM (no swap), then a writer
+# dirties the page cache on an nbd volume; reclaim must write those pages
+# back through our server, which needs memory to take them. With the
+# serving threads marked PR_SET_IO_FLUSHER the writer finishes.
+st=/run/pressure
+csi-nbd attach --state-dir $st "size=512Mi;memory:pressure" >/tmp/pressure.out 2>/tmp/pressure.err &
+pid=$!
+dev=$(first_line /tmp/pressure.out 60) || fail "attach for the memory pressure test printed no device"
+echo -1000 >/proc/$pid/oom_score_adj
+mkfs.ext4 -q -F "$dev" && mount "$dev" /mnt || fail "mkfs/mount for the memory pressure test"
+total=$(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo)
+avail=$(awk '/MemAvailable/ { print int($2 / 1024) }' /proc/meminfo)
+hog=$((avail - 200))
+mkdir -p /hog && mount -t tmpfs -o size=${hog}m hog /hog
+dd if=/dev/zero of=/hog/pin bs=1M count=$hog 2>/dev/null
+log "memory pressure: ${total} MiB RAM, ${hog} MiB pinned in tmpfs, $(awk '/MemAvailable/ { print int($2 / 1024) }' /proc/meminfo) MiB left"
+start=$(uptime_ms)
+timeout 300 dd if=/dev/urandom of=/mnt/dirty bs=1M count=160 2>/tmp/dirty.err || fail "writer under memory pressure failed or hung: $(cat /tmp/dirty.err)"
+timeout 300 sync || fail "sync under memory pressure hung"
+log "memory pressure: 160 MiB written and synced in $(($(uptime_ms) - start)) ms; $(grep -E '^(pgsteal_kswapd|pgsteal_direct|allocstall_normal|oom_kill) ' /proc/vmstat | tr '\n' ' ')"
+umount /mnt || fail "umount after the memory pressure test"
+umount /hog
+csi-nbd detach --state-dir $st "$dev" || fail "detach after the memory pressure test"
+wait $pid || fail "csi-nbd attach exited with status $? after the memory pressure test"
+
 if [ -x /bin/attach.test ]; then
 	CSI_NBD_KERNEL_TEST=1 /bin/attach.test -test.run "Kernel|IOFlusher" -test.v >/tmp/gotest.out 2>&1 || { cat /tmp/gotest.out; fail "go tests against the kernel"; }
 	grep -E '^(---|ok|PASS)|VMLOG' /tmp/gotest.out | sed 's/^/VMTEST: go: /'
