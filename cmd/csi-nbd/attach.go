@@ -83,9 +83,17 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err := fs.Parse(args); err != nil {
 		return errUsage{err}
 	}
-	if o.resume != (fs.NArg() == 0) {
+	if (o.resume && fs.NArg() != 0) || (!o.resume && fs.NArg() != 1) {
+		fmt.Fprintln(stderr, "csi-nbd attach: want exactly one SPEC, or --resume and none")
 		fs.Usage()
 		return errUsage{errors.New("want exactly one SPEC, or --resume and none")}
+	}
+	var spec backends.Spec
+	if !o.resume {
+		var err error
+		if spec, err = backends.Parse(fs.Arg(0)); err != nil {
+			return err
+		}
 	}
 
 	// Before any serving thread exists: every thread, and those cloned
@@ -134,10 +142,6 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			return err
 		}
 	} else {
-		spec, err := backends.Parse(fs.Arg(0))
-		if err != nil {
-			return err
-		}
 		id := o.id
 		if id == "" {
 			id = backends.VolumeKey(spec)
@@ -224,6 +228,7 @@ func runDetach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return errUsage{err}
 	}
 	if fs.NArg() != 1 {
+		fmt.Fprintln(stderr, "csi-nbd detach: want one DEVICE")
 		fs.Usage()
 		return errUsage{errors.New("want one DEVICE")}
 	}
