@@ -26,7 +26,7 @@ func cacheDir() string {
 }
 
 // repoRoot is the module root (the test runs in test/vm).
-func repoRoot(t *testing.T) string {
+func repoRoot(t testing.TB) string {
 	t.Helper()
 	out, err := exec.Command("go", "env", "GOMOD").Output()
 	if err != nil {
@@ -37,7 +37,7 @@ func repoRoot(t *testing.T) string {
 
 // kernel fetches (once) the package linux-image-amd64 depends on and
 // returns the directory it is unpacked in.
-func kernel(t *testing.T) (vmlinuz, modules string) {
+func kernel(t testing.TB) (vmlinuz, modules string) {
 	t.Helper()
 	testserver.RequireTool(t, "apt-get")
 	testserver.RequireTool(t, "dpkg-deb")
@@ -90,11 +90,11 @@ func kernel(t *testing.T) (vmlinuz, modules string) {
 }
 
 // sharedLibs lists what the dynamic loader needs for bin (ldd's view).
-func sharedLibs(t *testing.T, bin string) []string {
+func sharedLibs(t testing.TB, bin string) []string {
 	t.Helper()
 	out, err := exec.Command("ldd", bin).Output()
 	if err != nil {
-		t.Fatalf("ldd %s: %v", bin, err)
+		return nil // a static binary ("not a dynamic executable")
 	}
 	var libs []string
 	for _, line := range strings.Split(string(out), "\n") {
@@ -108,7 +108,7 @@ func sharedLibs(t *testing.T, bin string) []string {
 	return libs
 }
 
-func goBuild(t *testing.T, root, out string, args ...string) {
+func goBuild(t testing.TB, root, out string, args ...string) {
 	t.Helper()
 	cmd := exec.Command("go", args...)
 	cmd.Dir = root
@@ -127,7 +127,7 @@ var guestModules = []string{
 
 // buildInitramfs assembles the guest: busybox, mke2fs, the modules, our
 // static binaries and guest.sh as /init.
-func buildInitramfs(t *testing.T, modules string, extra map[string]string) string {
+func buildInitramfs(t testing.TB, modules, initScript string, extra map[string]string) string {
 	t.Helper()
 	busybox := testserver.RequireTool(t, "busybox")
 	mke2fs := testserver.RequireTool(t, "mke2fs")
@@ -145,8 +145,13 @@ func buildInitramfs(t *testing.T, modules string, extra map[string]string) strin
 	}
 	for guest, host := range extra {
 		tr.files[guest] = host
+		if strings.Contains(guest, "bin/") || strings.HasSuffix(guest, ".so") {
+			for _, l := range sharedLibs(t, host) {
+				tr.files[l] = l
+			}
+		}
 	}
-	guest, err := os.ReadFile("guest.sh")
+	guest, err := os.ReadFile(initScript)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -188,9 +193,22 @@ func TestKernelAttachInVM(t *testing.T) {
 	goBuild(t, root, bin, "build", "-trimpath", "-o", bin, "./cmd/csi-nbd")
 	attachTest := filepath.Join(t.TempDir(), "attach.test")
 	goBuild(t, root, attachTest, "test", "-c", "-o", attachTest, "./pkg/attach")
-	initrd := buildInitramfs(t, modules, map[string]string{"bin/csi-nbd": bin, "bin/attach.test": attachTest})
+	initrd := buildInitramfs(t, modules, "guest.sh", map[string]string{"bin/csi-nbd": bin, "bin/attach.test": attachTest})
 
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	lines, ok := bootVM(t, qemu, vmlinuz, initrd, 8*time.Minute)
+	for _, l := range lines {
+		t.Log(l)
+	}
+	if !ok {
+		t.Fatal("guest failed")
+	}
+}
+
+// bootVM runs the guest and returns its "VMTEST" lines; ok when it printed
+// VMTEST PASS and no VMTEST FAIL (the console's tail is logged then).
+func bootVM(t testing.TB, qemu, vmlinuz, initrd string, limit time.Duration) (lines []string, ok bool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	logPath := filepath.Join(t.TempDir(), "console.log")
 	logf, err := os.Create(logPath)
@@ -205,7 +223,6 @@ func TestKernelAttachInVM(t *testing.T) {
 		"-append", "console=ttyS0 rdinit=/init panic=-1 quiet")
 	cmd.Stdout = logf
 	cmd.Stderr = logf
-	cmd.Stdin = nil
 	start := time.Now()
 	runErr := cmd.Run()
 	out, _ := os.ReadFile(logPath)
@@ -217,18 +234,26 @@ func TestKernelAttachInVM(t *testing.T) {
 	sc := bufio.NewScanner(bytes.NewReader(out))
 	for sc.Scan() {
 		line := strings.TrimRight(sc.Text(), "\r")
+		// The firmware's escape sequences may precede the first line.
+		if i := strings.Index(line, "VMTEST"); i > 0 {
+			line = line[i:]
+		} else if i := strings.Index(line, "VMBENCH"); i > 0 {
+			line = line[i:]
+		}
 		switch {
 		case strings.HasPrefix(line, "VMTEST PASS"):
 			pass = true
 		case strings.HasPrefix(line, "VMTEST FAIL"):
 			fails = append(fails, line)
-		case strings.HasPrefix(line, "VMTEST"):
-			t.Log(line)
+		case strings.HasPrefix(line, "VMTEST"), strings.HasPrefix(line, "VMBENCH"):
+			lines = append(lines, line)
 		}
 	}
 	if !pass || len(fails) > 0 {
-		t.Fatalf("guest failed (qemu: %v): %v\n--- console ---\n%s", runErr, fails, tail(out, 150))
+		t.Logf("guest failed (qemu: %v): %v\n--- console ---\n%s", runErr, fails, tail(out, 150))
+		return lines, false
 	}
+	return lines, true
 }
 
 func tail(b []byte, lines int) string {
