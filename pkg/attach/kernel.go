@@ -122,6 +122,9 @@ func tuneQueue(name string, caps backends.Caps) {
 	}
 }
 
+// maxRequestKB caps the request size the kernel sends (max_sectors_kb).
+const maxRequestKB = 1024
+
 // maxSectorsKB is the largest request size (KiB) not above the hardware
 // limit and the backend's MaxBlock, a multiple of its preferred block.
 func maxSectorsKB(queueDir string, caps backends.Caps) uint64 {
@@ -133,7 +136,10 @@ func maxSectorsKB(queueDir string, caps backends.Caps) uint64 {
 	if err != nil || hw == 0 {
 		return 0
 	}
-	kb := hw
+	// Bigger requests than the kernel's usual 1280 KiB only make the
+	// server hold more memory per request and serialise what could have
+	// been pipelined; 1 MiB unless the backend asks for less.
+	kb := min(hw, maxRequestKB)
 	if caps.MaxBlock >= 1024 {
 		kb = min(kb, uint64(caps.MaxBlock)/1024)
 	}
