@@ -48,7 +48,10 @@ const (
 type Options struct {
 	// Connections is the number of sockets (kernel queues) for nbd;
 	// more than one needs a backend that can serve several connections
-	// consistently (Caps.MultiConn). Default 1.
+	// consistently (Caps.MultiConn). Default 1. The kernel makes one
+	// hardware queue per connection but no more than there are CPUs, and
+	// sends requests on the socket of their queue: on one CPU the extra
+	// connections only stand by for a dead one.
 	Connections int `json:"connections"`
 	// Timeout is the kernel's per-request timeout; when it expires the
 	// connection is dropped and the request requeued (then re-served on

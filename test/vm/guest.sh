@@ -53,7 +53,7 @@ memory_volume() {
 	[ -b "$dev" ] || fail "$dev is not a block device"
 	check_io_flusher $pid
 	q=/sys/block/${dev#/dev/}/queue
-	log "memory, $n connection(s): $dev, scheduler $(cat $q/scheduler), rotational $(cat $q/rotational), hw queues $(ls $q/../mq | wc -l), backend $(cat /sys/block/${dev#/dev/}/backend)"
+	log "memory, $n connection(s): $dev, scheduler $(cat $q/scheduler), rotational $(cat $q/rotational), hw queues $(ls $q/../mq | wc -l) (the kernel caps them at the CPU count), backend $(cat /sys/block/${dev#/dev/}/backend)"
 	
 	mkfs.ext4 -q -F "$dev" || fail "mkfs.ext4 $dev"
 	mount "$dev" /mnt || fail "mount $dev"
@@ -90,20 +90,23 @@ dev=$(first_line /tmp/file1.out 60) || fail "attach of a file volume printed no 
 mkfs.ext4 -q -F "$dev" || fail "mkfs.ext4 $dev"
 mount "$dev" /mnt || fail "mount $dev"
 : >/tmp/sums
-(
+# writer N PREFIX: N files of 512 KiB, each fsynced; counts failures.
+writer() {
 	errors=0
 	i=0
-	while [ $i -lt 80 ]; do
+	rm -f /tmp/writer.result
+	while [ $i -lt $1 ]; do
 		i=$((i + 1))
 		dd if=/dev/urandom of=/tmp/src bs=64k count=8 2>/dev/null
-		if ! dd if=/tmp/src of=/mnt/f$i bs=64k conv=fsync 2>/tmp/dd.err; then
+		if ! dd if=/tmp/src of=/mnt/$2$i bs=64k conv=fsync 2>/tmp/dd.err; then
 			errors=$((errors + 1))
 			cat /tmp/dd.err
 		fi
-		echo "$(sha256sum </tmp/src | cut -d' ' -f1)  /mnt/f$i" >>/tmp/sums
+		echo "$(sha256sum </tmp/src | cut -d' ' -f1)  /mnt/$2$i" >>/tmp/sums
 	done
 	echo $errors >/tmp/writer.result
-) &
+}
+writer 80 f &
 writer=$!
 sleep 3
 [ -e /tmp/writer.result ] && fail "the writer finished before the kill: the test would prove nothing"
@@ -125,10 +128,30 @@ echo 3 >/proc/sys/vm/drop_caches
 mount "$dev" /mnt || fail "remount after restart"
 sha256sum -c /tmp/sums >/tmp/sumcheck 2>&1 || { grep -v OK /tmp/sumcheck; fail "checksums differ after the restart"; }
 log "restart: $(wc -l </tmp/sums) files written through a SIGKILL of the server, zero I/O errors, all verified after remount"
+
+# Hand-over: SIGUSR1 stops serving without detaching (an upgrade), the
+# next process resumes; again mid-write, again no error.
+writer 30 g &
+writer=$!
+sleep 2
+[ -e /tmp/writer.result ] && fail "the writer finished before the hand-over"
+kill -USR1 $pid2
+wait $pid2 || fail "csi-nbd attach exited with status $? on SIGUSR1"
+stopped=$(uptime_ms)
+csi-nbd attach --resume --state-dir $st >/tmp/file3.out 2>/tmp/file3.err &
+pid3=$!
+dev3=$(first_line /tmp/file3.out 60) || fail "attach --resume after the hand-over printed no device"
+[ "$dev3" = "$dev" ] || fail "hand-over served $dev3, want $dev"
+log "hand-over: $dev re-served $(($(uptime_ms) - stopped)) ms after the old server stopped"
+wait $writer
+[ "$(cat /tmp/writer.result)" = 0 ] || fail "the writer saw $(cat /tmp/writer.result) I/O errors across the hand-over"
+umount /mnt && mount "$dev" /mnt || fail "remount after the hand-over"
+sha256sum -c /tmp/sums >/tmp/sumcheck 2>&1 || { grep -v OK /tmp/sumcheck; fail "checksums differ after the hand-over"; }
+log "hand-over: $(wc -l </tmp/sums) files verified"
 umount /mnt
 dmesg | grep -E "I/O error|EXT4-fs error|Aborting journal" && fail "the kernel reported I/O errors"
 csi-nbd detach --state-dir $st "$dev" || fail "detach after restart"
-wait $pid2 || fail "resumed csi-nbd attach exited with status $?"
+wait $pid3 || fail "resumed csi-nbd attach exited with status $?"
 
 # Memory pressure: tmpfs pins most of the RAM (no swap), then a writer
 # dirties the page cache on an nbd volume; reclaim must write those pages
