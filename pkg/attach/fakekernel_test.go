@@ -27,6 +27,9 @@ type fakeKernel struct {
 	next     uint32
 	linkDead chan uint32
 	reconfig []netlink.ReconfigureConfig
+	// stillOpen keeps a disconnected device configured, as the kernel
+	// does while someone still has it open (a mounted filesystem).
+	stillOpen bool
 }
 
 type fakeDev struct {
@@ -134,7 +137,7 @@ func (k *fakeKernel) Disconnect(_ context.Context, index uint32) error {
 			s.dead = true
 		}
 	}
-	d.connected = false
+	d.connected = k.stillOpen
 	return nil
 }
 
@@ -153,14 +156,17 @@ func (k *fakeKernel) WatchLinkDead(ctx context.Context) (<-chan uint32, error) {
 }
 
 // kill breaks connection i of device idx from the kernel's side, as a
-// request timeout does, and announces it.
-func (k *fakeKernel) kill(idx uint32, i int) {
+// request timeout does, and announces it (or not: notifications can be
+// lost).
+func (k *fakeKernel) kill(idx uint32, i int, announce bool) {
 	k.mu.Lock()
 	s := k.devs[idx].socks[i]
 	s.dead = true
 	s.c.Close()
 	k.mu.Unlock()
-	k.linkDead <- idx
+	if announce {
+		k.linkDead <- idx
+	}
 }
 
 // serverDied marks every socket of idx dead, as the kernel does when the

@@ -125,3 +125,25 @@ func TestKernelRepairsDeadConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A device disconnected by someone else (nbd-client -d, csi-nbd detach
+// with no serving process recorded) is forgotten, not resurrected.
+func TestKernelExternalDisconnect(t *testing.T) {
+	m, ctx := kernelTest(t)
+	path, err := m.Attach(ctx, "ext", "size=16Mi;memory:ext", nil, Options{Connections: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, _ := ParseNBDPath(path)
+	if err := Disconnect(ctx, idx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-m.Done("ext"):
+	case <-time.After(30 * time.Second):
+		t.Fatal("volume still served after an external DISCONNECT")
+	}
+	if len(m.List()) != 0 {
+		t.Fatalf("still listed: %+v", m.List())
+	}
+}

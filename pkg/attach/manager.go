@@ -154,10 +154,10 @@ type volume struct {
 	goneOnce  sync.Once
 
 	mu         sync.Mutex
-	endedAt    time.Time // last time a connection ended
-	linkDeadAt time.Time // last LINK_DEAD for the device
-	repairedAt time.Time
-	err        error // last health problem seen by the watcher
+	discSeen   bool      // the kernel sent NBD_CMD_DISC: it is disconnecting
+	repairedAt time.Time // last RECONFIGURE with fresh sockets
+	failures   int       // repairs in a row that did not bring every connection back
+	err        error     // last health problem seen by the watcher
 }
 
 func (v *volume) info() Volume {
@@ -370,13 +370,14 @@ func (m *Manager) serve(v *volume, n int) ([]*os.File, error) {
 			return nil, fmt.Errorf("attach: socketpair: %w", err)
 		}
 		ours := os.NewFile(uintptr(fds[0]), "nbd-server")
-		conn, err := net.FileConn(ours)
+		fc, err := net.FileConn(ours)
 		ours.Close()
 		if err != nil {
 			unix.Close(fds[1])
 			closeAll(theirs)
 			return nil, fmt.Errorf("attach: socketpair: %w", err)
 		}
+		conn := &discConn{UnixConn: fc.(*net.UnixConn)}
 		theirs = append(theirs, os.NewFile(uintptr(fds[1]), "nbd-kernel"))
 		v.live.Add(1)
 		v.connMu.Lock()
@@ -388,7 +389,7 @@ func (m *Manager) serve(v *volume, n int) ([]*os.File, error) {
 			delete(v.conns, conn)
 			v.connMu.Unlock()
 			v.live.Add(-1)
-			m.connEnded(v)
+			m.connEnded(v, conn.sawDisc())
 		}()
 	}
 	return theirs, nil

@@ -267,20 +267,33 @@ func TestRepairAfterLinkDead(t *testing.T) {
 		t.Fatal(err)
 	}
 	k.sock(t, 0, 0).write(t, 0, pattern(4096, 1))
-	k.kill(0, 0)
-	eventually(t, "the dead connection replaced", func() bool { return k.liveSocks(0) == 2 && m.Health("rep") == nil })
-	if got := k.sock(t, 0, 0).read(t, 0, 4096); !bytes.Equal(got, pattern(4096, 1)) {
-		t.Fatal("data differs on the replacement connection")
+	for i, announce := range []bool{true, false} {
+		k.kill(0, i, announce)
+		eventually(t, "the dead connection replaced", func() bool { return k.liveSocks(0) == 2 && m.Health("rep") == nil })
+		if got := k.sock(t, 0, i).read(t, 0, 4096); !bytes.Equal(got, pattern(4096, 1)) {
+			t.Fatal("data differs on the replacement connection")
+		}
+	}
+	select {
+	case <-m.Done("rep"):
+		t.Fatal("a repaired volume was forgotten")
+	default:
 	}
 }
 
 // A device disconnected by someone else (csi-nbd detach with no serving
 // process recorded, nbd-client -d) is forgotten.
 func TestExternalDisconnectForgets(t *testing.T) {
+	t.Run("device released", func(t *testing.T) { testExternalDisconnect(t, false) })
+	t.Run("device still open", func(t *testing.T) { testExternalDisconnect(t, true) })
+}
+
+func testExternalDisconnect(t *testing.T, stillOpen bool) {
 	k := newFakeKernel()
+	k.stillOpen = stillOpen
 	m := newTestManager(t, t.TempDir(), k)
 	ctx := ctxT(t)
-	if _, err := m.Attach(ctx, "ext", "memory:ext", nil, Options{}); err != nil {
+	if _, err := m.Attach(ctx, "ext", "memory:ext", nil, Options{Connections: 3}); err != nil {
 		t.Fatal(err)
 	}
 	if err := k.Disconnect(ctx, 0); err != nil {

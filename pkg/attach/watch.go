@@ -8,20 +8,25 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// The watcher keeps nbd volumes healthy. The kernel announces a dead
-// connection (a request timed out, the socket broke) on the LINK_DEAD
-// multicast group; we then hand it a fresh socket (RECONFIGURE). Polling
-// STATUS every few seconds is the backstop for lost notifications and
-// notices devices torn down by someone else (DISCONNECT), which the
-// kernel announces by sending NBD_CMD_DISC on every connection and no
-// LINK_DEAD.
+// The watcher keeps nbd volumes healthy. A connection that ends without
+// NBD_CMD_DISC broke (a request timed out and the kernel shut the socket,
+// or an error on our side): it gets a fresh socket through RECONFIGURE.
+// Connections that end with NBD_CMD_DISC mean the device is being
+// disconnected (csi-nbd detach, nbd-client -d): once all have, the volume
+// is forgotten. The kernel's LINK_DEAD notifications and polling STATUS
+// every few seconds are backstops; STATUS also shows devices torn down
+// underneath us.
 
 // pollInterval is how often the watcher looks at every volume.
 var pollInterval = 5 * time.Second
 
-// settle is how long after a connection ended the watcher waits for the
-// kernel's LINK_DEAD before deciding it was a DISCONNECT.
-var settle = time.Second
+// settle is how long after a connection broke the watcher waits before
+// replacing it, so the kernel has marked its end dead (RECONFIGURE only
+// replaces dead sockets).
+const settle = 100 * time.Millisecond
+
+// maxBackoff bounds the wait between repairs that keep failing.
+const maxBackoff = 5 * time.Second
 
 func (m *Manager) startWatch() {
 	m.watchMu.Lock()
@@ -43,15 +48,22 @@ func (m *Manager) stopWatch() {
 	}
 }
 
-// connEnded is called when serving one connection of v ended.
-func (m *Manager) connEnded(v *volume) {
+// connEnded is called when serving one connection of v ended; disc says
+// whether the kernel sent NBD_CMD_DISC last.
+func (m *Manager) connEnded(v *volume, disc bool) {
 	if v.detaching.Load() {
 		return
 	}
-	v.mu.Lock()
-	v.endedAt = time.Now()
-	v.mu.Unlock()
-	time.AfterFunc(settle, func() {
+	if disc {
+		v.mu.Lock()
+		v.discSeen = true
+		v.mu.Unlock()
+	}
+	m.kickAfter(settle)
+}
+
+func (m *Manager) kickAfter(d time.Duration) {
+	time.AfterFunc(d, func() {
 		select {
 		case m.kick <- struct{}{}:
 		default:
@@ -80,14 +92,9 @@ func (m *Manager) watchLoop(ctx context.Context) {
 				dead = nil
 				continue
 			}
-			for _, v := range m.nbdVolumes() {
-				if v.rec.Index == int(idx) {
-					v.mu.Lock()
-					v.linkDeadAt = time.Now()
-					v.mu.Unlock()
-					m.check(ctx, k, v)
-				}
-			}
+			klog.V(2).InfoS("attach: kernel reports a dead connection", "device", nbdPath(int(idx)))
+			// Our end of it may not have noticed yet.
+			m.kickAfter(settle)
 		case <-m.kick:
 			for _, v := range m.nbdVolumes() {
 				m.check(ctx, k, v)
@@ -130,27 +137,36 @@ func (m *Manager) check(ctx context.Context, k kernel, v *volume) {
 	}
 	want := int32(v.rec.Options.Connections)
 	live := v.live.Load()
-	if live >= want {
-		v.setErr(nil)
-		return
-	}
 	v.mu.Lock()
-	ended, linkDead, repaired := v.endedAt, v.linkDeadAt, v.repairedAt
+	disc, repaired, failures := v.discSeen, v.repairedAt, v.failures
+	if live >= want {
+		v.failures = 0
+		v.err = nil
+	}
 	v.mu.Unlock()
-	if time.Since(ended) < settle && linkDead.Before(ended) {
-		return // the LINK_DEAD may be on its way; kicked again later
-	}
-	if live == 0 && !linkDead.After(repaired) {
-		// Every connection ended with no LINK_DEAD: the kernel sent
-		// NBD_CMD_DISC, someone disconnected the device.
-		m.forget(v, "disconnected by the kernel (NBD_CMD_DISC on every connection)")
+	if live >= want {
 		return
 	}
-	klog.InfoS("attach: replacing dead connections", "volume", v.rec.ID, "device", v.rec.Path, "alive", live, "want", want)
-	if err := m.reconnect(cctx, k, v, int(want-live)); err != nil {
-		v.setErr(errors.Join(errors.New("replacing dead connections failed"), err))
-		klog.ErrorS(err, "attach: replacing dead connections", "volume", v.rec.ID)
+	if disc {
+		if live == 0 {
+			m.forget(v, "disconnected (the kernel sent NBD_CMD_DISC)")
+		}
+		return // the other connections are being told too
+	}
+	if wait := min(settle<<failures, maxBackoff); time.Since(repaired) < wait {
+		m.kickAfter(wait - time.Since(repaired))
 		return
 	}
-	v.setErr(nil)
+	klog.InfoS("attach: replacing broken connections", "volume", v.rec.ID, "device", v.rec.Path, "alive", live, "want", want)
+	err = m.reconnect(cctx, k, v, int(want-live))
+	v.mu.Lock()
+	v.failures = min(failures+1, 16)
+	v.mu.Unlock()
+	if err != nil {
+		v.setErr(errors.Join(errors.New("replacing broken connections failed"), err))
+		klog.ErrorS(err, "attach: replacing broken connections", "volume", v.rec.ID)
+		return
+	}
+	// Confirmed (failures reset) once a later check sees them all alive.
+	m.kickAfter(settle)
 }

@@ -90,6 +90,10 @@ dev=$(first_line /tmp/file1.out 60) || fail "attach of a file volume printed no 
 mkfs.ext4 -q -F "$dev" || fail "mkfs.ext4 $dev"
 mount "$dev" /mnt || fail "mount $dev"
 : >/tmp/sums
+# wait_files N: until the writer has written N files in all.
+wait_files() {
+	while [ "$(wc -l </tmp/sums)" -lt $1 ]; do sleep 0.05; done
+}
 # writer N PREFIX: N files of 512 KiB, each fsynced; counts failures.
 writer() {
 	errors=0
@@ -108,7 +112,7 @@ writer() {
 }
 writer 80 f &
 writer=$!
-sleep 3
+wait_files 10
 [ -e /tmp/writer.result ] && fail "the writer finished before the kill: the test would prove nothing"
 kill -9 $pid
 killed=$(uptime_ms)
@@ -131,9 +135,9 @@ log "restart: $(wc -l </tmp/sums) files written through a SIGKILL of the server,
 
 # Hand-over: SIGUSR1 stops serving without detaching (an upgrade), the
 # next process resumes; again mid-write, again no error.
-writer 30 g &
+writer 60 g &
 writer=$!
-sleep 2
+wait_files 90
 [ -e /tmp/writer.result ] && fail "the writer finished before the hand-over"
 kill -USR1 $pid2
 wait $pid2 || fail "csi-nbd attach exited with status $? on SIGUSR1"
