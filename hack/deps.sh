@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio busybox-static e2fsprogs)
+apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio busybox-static e2fsprogs nbd-client)
 
 missing=()
 for p in "${apt_pkgs[@]}"; do
