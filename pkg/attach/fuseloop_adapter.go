@@ -1,8 +1,10 @@
-//go:build fuseloop
+//go:build ignore
 
-// The FUSE+loop fallback, adapted to the Manager. Built with -tags fuseloop
-// until package fuseloop is merged; then the lead deletes the build line
-// above and fuseloop_none.go.
+// The FUSE+loop fallback, adapted to the Manager. Excluded (the "ignore"
+// constraint, which go mod tidy honours too) until package fuseloop is
+// merged: then delete the build line above. Until then, without it, there
+// is no fallback: Options.Fallback "always" fails and "auto" needs nbd.
+// Check it compiles with: go vet -tags ignore ./pkg/attach
 
 package attach
 
