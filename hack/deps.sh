@@ -32,6 +32,7 @@ fi
 # Tests find them on PATH: hack/test.sh adds $TOOLS_CACHE/bin.
 TOOLS_CACHE=${TOOLS_CACHE:-/var/cache/csi-nbd/tools}
 go_tools=(
+  github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.6.0
 )
 mkdir -p "$TOOLS_CACHE/bin"
 for spec in "${go_tools[@]}"; do
