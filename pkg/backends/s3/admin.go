@@ -32,10 +32,10 @@ func Create(ctx context.Context, spec backends.Spec, env backends.Env) error {
 	if err != nil {
 		return err
 	}
-	if m.ChunkSize != c.chunk || m.Size != c.size {
+	if m.ChunkSize != c.newChunk() || m.Size != c.size {
 		return fmt.Errorf("%w: %s has size %s and chunk %s, not size %s and chunk %s",
 			ErrExists, c.loc, backends.FormatSize(m.Size), backends.FormatSize(m.ChunkSize),
-			backends.FormatSize(c.size), backends.FormatSize(c.chunk))
+			backends.FormatSize(c.size), backends.FormatSize(c.newChunk()))
 	}
 	return nil
 }
@@ -112,9 +112,6 @@ func Expand(ctx context.Context, spec backends.Spec, env backends.Env, newSize u
 	if err != nil {
 		return err
 	}
-	if newSize > maxVolume(c.chunk) {
-		return fmt.Errorf("s3: expand %s to %d bytes: larger than the maximum %d: %w", c.loc, newSize, maxVolume(c.chunk), backends.ErrInvalid)
-	}
 	for attempt := 0; ; attempt++ {
 		m, etag, err := b.readMeta(ctx)
 		if err != nil {
@@ -125,6 +122,9 @@ func Expand(ctx context.Context, spec backends.Spec, env backends.Env, newSize u
 		}
 		if newSize == m.Size {
 			return nil
+		}
+		if newSize > maxVolume(m.ChunkSize) {
+			return fmt.Errorf("s3: expand %s to %d bytes: larger than the maximum %d: %w", c.loc, newSize, maxVolume(m.ChunkSize), backends.ErrInvalid)
 		}
 		m.Size = newSize
 		_, err = b.put(ctx, b.loc.key(metaName), m.encode(), cond{ifMatch: etag})
@@ -185,7 +185,7 @@ func CopyFrom(ctx context.Context, dst, src backends.Spec, env backends.Env) err
 	if err != nil {
 		return fmt.Errorf("s3: copy source: %w", err)
 	}
-	if dc.chunk != sm.ChunkSize {
+	if dc.chunk != 0 && dc.chunk != sm.ChunkSize {
 		return fmt.Errorf("s3: copy %s to %s: option %q is %s, the source has %s (chunks are copied as they are)",
 			sc.loc, dc.loc, "chunk", backends.FormatSize(dc.chunk), backends.FormatSize(sm.ChunkSize))
 	}

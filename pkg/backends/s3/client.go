@@ -99,7 +99,8 @@ func (b *bucket) wrap(err error, what, key string) error {
 	switch {
 	case isCode(err, "NoSuchBucket"):
 		return fmt.Errorf("%s: bucket %q does not exist: %w", where, b.loc.Bucket, errors.Join(ErrNoBucket, syscall.EIO))
-	case isCode(err, "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"):
+	case isCode(err, "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
+		"XAdminUserNotFound", "InvalidToken", "ExpiredToken"), httpStatus(err) == http.StatusForbidden:
 		return fmt.Errorf("%s: access denied (check the credentials): %w", where, errors.Join(err, syscall.EACCES))
 	case errors.Is(err, context.DeadlineExceeded):
 		return fmt.Errorf("%s: no answer within %s: %w", where, b.timeout, errors.Join(err, syscall.EIO))
@@ -125,6 +126,14 @@ func isCode(err error, codes ...string) bool {
 		}
 	}
 	return false
+}
+
+func httpStatus(err error) int {
+	var re *awshttp.ResponseError
+	if errors.As(err, &re) {
+		return re.HTTPStatusCode()
+	}
+	return 0
 }
 
 // isNotFound: the key (not the bucket) is missing.

@@ -74,8 +74,9 @@ type entry struct {
 var _ backends.Device = (*Device)(nil)
 var _ backends.Resizer = (*Device)(nil)
 
-// openWriters keeps one read-write Device per volume in this process: two
-// would share the lease (same owner) and corrupt each other's chunks.
+// openWriters keeps one read-write Device per volume and owner in this
+// process: two would share the lease and corrupt each other's chunks.
+// (Other owners meet the lease, as they would in other processes.)
 var openWriters = struct {
 	sync.Mutex
 	m map[string]bool
@@ -89,16 +90,11 @@ func Open(ctx context.Context, s backends.Spec, env backends.Env) (*Device, erro
 	if err != nil {
 		return nil, err
 	}
-	d := &Device{cfg: c, chunk: c.chunk, present: newChunkSet(),
+	d := &Device{cfg: c, present: newChunkSet(),
 		sem: make(chan struct{}, c.parallel), entries: map[uint64]*entry{},
 		changed: make(chan struct{}), stop: make(chan struct{}), flusher: make(chan struct{})}
-	d.maxDirty = int(c.writeback / c.chunk)
-	if c.writeback > 0 && d.maxDirty < 2 {
-		d.maxDirty = 2
-	}
-	d.bufs.New = func() any { return make([]byte, c.chunk) }
 	if !c.readOnly {
-		d.regKey = c.endpoint + "\x00" + c.loc.String()
+		d.regKey = c.endpoint + "\x00" + c.loc.String() + "\x00" + env.Owner
 		openWriters.Lock()
 		busy := openWriters.m[d.regKey]
 		openWriters.m[d.regKey] = true
@@ -147,6 +143,12 @@ func (d *Device) open(ctx context.Context, env backends.Env) error {
 		return err
 	}
 	d.size.Store(m.Size)
+	d.chunk = m.ChunkSize
+	d.maxDirty = int(c.writeback / d.chunk)
+	if c.writeback > 0 && d.maxDirty < 2 {
+		d.maxDirty = 2
+	}
+	d.bufs.New = func() any { return make([]byte, d.chunk) }
 	if !c.readOnly && c.leaseTTL > 0 {
 		owner := env.Owner
 		if owner == "" {

@@ -83,7 +83,7 @@ func (b *bucket) createMeta(ctx context.Context, c *config) (meta, bool, error) 
 	if c.size == 0 {
 		return meta{}, false, fmt.Errorf("s3: %s has no volume yet and option %q is needed to create one", c.loc, "size")
 	}
-	m := meta{Format: formatVersion, Size: c.size, ChunkSize: c.chunk, Created: time.Now().UTC().Truncate(time.Second)}
+	m := meta{Format: formatVersion, Size: c.size, ChunkSize: c.newChunk(), Created: time.Now().UTC().Truncate(time.Second)}
 	_, err := b.put(ctx, b.loc.key(metaName), m.encode(), cond{ifNoneMatch: true})
 	if errors.Is(err, errPrecondition) {
 		m, _, err := b.readMeta(ctx)
@@ -100,7 +100,7 @@ func (b *bucket) createMeta(ctx context.Context, c *config) (meta, bool, error) 
 // expanded since the spec was written); anything else that differs is
 // ErrExists-wrapped, naming the option.
 func (m meta) check(c *config) error {
-	if m.ChunkSize != c.chunk {
+	if c.chunk != 0 && m.ChunkSize != c.chunk {
 		return fmt.Errorf("%w: %s has chunk size %s, the spec says option %q = %s (fixed at creation)",
 			ErrExists, c.loc, backends.FormatSize(m.ChunkSize), "chunk", backends.FormatSize(c.chunk))
 	}

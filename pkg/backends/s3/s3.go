@@ -49,8 +49,8 @@ const (
 var Options = []backends.Option{
 	{Key: "size", Kind: backends.OptSize,
 		Doc: "Volume size; required to create a volume, optional when opening one (the metadata's size wins; a larger size is an error)."},
-	{Key: "chunk", Kind: backends.OptSize, Default: "4Mi",
-		Doc: "Chunk object size, a power of two from 64Ki to 64Mi; fixed at creation."},
+	{Key: "chunk", Kind: backends.OptSize,
+		Doc: "Chunk object size, a power of two from 64Ki to 64Mi, fixed at creation (default 4Mi); when given, opening checks it against the volume's."},
 	{Key: "endpoint", Kind: backends.OptString,
 		Doc: "S3 endpoint URL (http:// or https://); default: AWS for the region."},
 	{Key: "region", Kind: backends.OptString, Default: "us-east-1",
@@ -88,7 +88,7 @@ func init() {
 type config struct {
 	loc       Location
 	size      uint64 // 0: not given
-	chunk     uint64
+	chunk     uint64 // 0: not given (an existing volume's, or defaultChunk)
 	endpoint  string
 	region    string
 	pathStyle bool
@@ -114,13 +114,13 @@ func parseConfig(s backends.Spec) (*config, error) {
 		return nil, fmt.Errorf("s3: option %q: must be more than 0", "size")
 	}
 	c.chunk, _ = s.Size("chunk")
-	if c.chunk < minChunk || c.chunk > maxChunk || bits.OnesCount64(c.chunk) != 1 {
+	if _, given := s.Options["chunk"]; given && (c.chunk < minChunk || c.chunk > maxChunk || bits.OnesCount64(c.chunk) != 1) {
 		return nil, fmt.Errorf("s3: option %q: %s is not a power of two from %s to %s", "chunk",
 			backends.FormatSize(c.chunk), backends.FormatSize(minChunk), backends.FormatSize(maxChunk))
 	}
-	if c.size > 0 && c.size > maxVolume(c.chunk) {
+	if c.size > 0 && c.size > maxVolume(c.newChunk()) {
 		return nil, fmt.Errorf("s3: option %q: %s is larger than the maximum %s", "size",
-			backends.FormatSize(c.size), backends.FormatSize(maxVolume(c.chunk)))
+			backends.FormatSize(c.size), backends.FormatSize(maxVolume(c.newChunk())))
 	}
 	if ep, ok := s.Value("endpoint"); ok {
 		u, err := url.Parse(ep)
@@ -150,6 +150,17 @@ func parseConfig(s backends.Spec) (*config, error) {
 		return nil, fmt.Errorf("s3: option %q: %s is shorter than 100ms", "timeout", c.timeout)
 	}
 	return c, nil
+}
+
+// defaultChunk is the chunk size of volumes created without option chunk.
+const defaultChunk = 4 << 20
+
+// newChunk is the chunk size a volume created from c gets.
+func (c *config) newChunk() uint64 {
+	if c.chunk == 0 {
+		return defaultChunk
+	}
+	return c.chunk
 }
 
 // maxVolume keeps chunk indexes within 16 hex digits and sizes within
