@@ -178,7 +178,14 @@ func (b *bucket) get(ctx context.Context, key string, p []byte, off uint64) (fou
 	}
 	defer out.Body.Close()
 	n, err := io.ReadFull(out.Body, p)
-	if err != nil && err != io.ErrUnexpectedEOF {
+	if err == io.ErrUnexpectedEOF && (out.ContentLength == nil || int64(n) < *out.ContentLength) {
+		// A connection that ends early looks like a short object to
+		// ReadFull; only the announced length tells them apart.
+		err = fmt.Errorf("got %d of %d bytes: %w", n, aws.ToInt64(out.ContentLength), err)
+	} else if err == io.ErrUnexpectedEOF {
+		err = nil // a short object: the rest reads as zeros
+	}
+	if err != nil {
 		return false, b.wrap(err, "read", key)
 	}
 	clear(p[n:])

@@ -296,7 +296,9 @@ func (d *Device) release(e *entry) {
 	defer d.mu.Unlock()
 	e.refs--
 	if e.refs == 0 && !e.dirty {
-		delete(d.entries, e.idx)
+		if d.entries[e.idx] == e {
+			delete(d.entries, e.idx)
+		}
 		if e.data != nil {
 			d.bufs.Put(e.data)
 			e.data = nil
@@ -361,14 +363,21 @@ func (d *Device) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) er
 
 // writePiece writes src into one chunk; a nil src writes zeros.
 func (d *Device) writePiece(ctx context.Context, pc piece, src []byte, fua bool) error {
-	if err := d.reserve(ctx, pc.idx); err != nil {
+	e, err := d.acquireForWrite(ctx, pc.idx)
+	if err != nil {
 		return err
 	}
-	e := d.acquire(pc.idx)
 	defer d.release(e)
 	e.mu.Lock()
 	if e.data == nil {
 		if err := d.load(ctx, e, pc.n == d.chunk); err != nil {
+			d.mu.Lock()
+			if e.dirty && e.data == nil { // our reservation, unused
+				e.dirty = false
+				d.dirty--
+				d.notify()
+			}
+			d.mu.Unlock()
 			e.mu.Unlock()
 			return err
 		}
@@ -422,37 +431,48 @@ func (d *Device) load(ctx context.Context, e *entry, whole bool) error {
 	return nil
 }
 
-// reserve waits until the write-back buffer has room for one more dirty
-// chunk (a chunk already dirty needs none). It fails instead of waiting
-// when uploads are failing: the writer then learns the bucket is gone.
-func (d *Device) reserve(ctx context.Context, idx uint64) error {
+// acquireForWrite returns chunk idx's entry, with a reference, once the
+// write-back buffer has room for it: a chunk not yet dirty is marked
+// dirty here (reserving its room) before any data is touched, so writers
+// cannot overshoot the limit together. It fails instead of waiting when
+// uploads are failing: the writer then learns the bucket is gone.
+func (d *Device) acquireForWrite(ctx context.Context, idx uint64) (*entry, error) {
 	if d.maxDirty == 0 {
-		return nil
+		return d.acquire(idx), nil
 	}
 	for {
 		d.mu.Lock()
-		if e := d.entries[idx]; (e != nil && e.dirty) || d.dirty < d.maxDirty {
+		e := d.entries[idx]
+		if (e != nil && e.dirty) || d.dirty < d.maxDirty {
+			if e == nil {
+				e = &entry{idx: idx}
+				d.entries[idx] = e
+			}
+			if !e.dirty {
+				e.dirty = true
+				e.since = time.Now()
+				d.dirty++
+			}
+			e.refs++
 			d.mu.Unlock()
-			return nil
+			return e, nil
 		}
 		ch, upErr := d.changed, d.uploadErr
-		var queue []*entry
-		for _, e := range d.entries {
-			if e.dirty && !e.queued {
-				queue = append(queue, e)
+		if upErr == nil {
+			for _, e := range d.entries {
+				if e.dirty {
+					d.uploadAsyncLocked(e)
+				}
 			}
 		}
 		d.mu.Unlock()
 		if upErr != nil {
-			return fmt.Errorf("s3: write-back buffer full and uploads failing: %w", upErr)
-		}
-		for _, e := range queue {
-			d.uploadAsync(e)
+			return nil, fmt.Errorf("s3: write-back buffer full and uploads failing: %w", upErr)
 		}
 		select {
 		case <-ch:
 		case <-ctx.Done():
-			return ctx.Err()
+			return nil, ctx.Err()
 		}
 	}
 }
@@ -471,9 +491,15 @@ func (d *Device) upload(ctx context.Context, e *entry) error {
 	if err := d.writable(); err != nil {
 		return err
 	}
+	e.mu.Lock()
+	if e.data == nil {
+		// Reserved by a writer that has not written yet: nothing
+		// completed to upload (the writer will dirty it again).
+		e.mu.Unlock()
+		return nil
+	}
 	buf := d.bufs.Get().([]byte)
 	defer d.bufs.Put(buf)
-	e.mu.Lock()
 	copy(buf, e.data)
 	d.mu.Lock()
 	gen := e.gen
@@ -518,14 +544,19 @@ func (d *Device) upload(ctx context.Context, e *entry) error {
 // uploadAsync starts uploading e unless that is already pending.
 func (d *Device) uploadAsync(e *entry) {
 	d.mu.Lock()
+	d.uploadAsyncLocked(e)
+	d.mu.Unlock()
+}
+
+// uploadAsyncLocked is uploadAsync with d.mu held; it takes its own
+// reference, so e cannot leave memory before its upload is done.
+func (d *Device) uploadAsyncLocked(e *entry) {
 	if e.queued || d.closing {
-		d.mu.Unlock()
 		return
 	}
 	e.queued = true
 	e.refs++
 	d.uploads.Add(1)
-	d.mu.Unlock()
 	go func() {
 		defer d.uploads.Done()
 		_ = d.upload(d.bg, e) // failures stay dirty: the flusher retries
@@ -549,16 +580,12 @@ func (d *Device) flushLoop() {
 		case <-t.C:
 		}
 		d.mu.Lock()
-		var old []*entry
 		for _, e := range d.entries {
-			if e.dirty && !e.queued && time.Since(e.since) >= writebackAge {
-				old = append(old, e)
+			if e.dirty && time.Since(e.since) >= writebackAge {
+				d.uploadAsyncLocked(e)
 			}
 		}
 		d.mu.Unlock()
-		for _, e := range old {
-			d.uploadAsync(e)
-		}
 	}
 }
 
