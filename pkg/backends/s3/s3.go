@@ -79,7 +79,11 @@ func init() {
 			return err
 		},
 		Open: func(ctx context.Context, s backends.Spec, env backends.Env) (backends.Device, error) {
-			return Open(ctx, s, env)
+			d, err := Open(ctx, s, env)
+			if err != nil {
+				return nil, err // not a typed nil in the interface
+			}
+			return d, nil
 		},
 	})
 }
