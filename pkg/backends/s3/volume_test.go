@@ -668,3 +668,30 @@ func crash(d *Device) {
 	d.unregister()
 	d.closed.Store(true)
 }
+
+// Block status counts chunks still in the write-back buffer as data: a
+// client copying the volume (nbdcopy skips holes) must not miss them.
+func TestExtentsSeeUnflushedWrites(t *testing.T) {
+	g := startGW(t)
+	ctx := context.Background()
+	const chunk = 64 << 10
+	d := g.mustOpen(t, "unflushed", "size=1Mi,chunk=64Ki,writeback=1Mi", "n")
+	if err := d.WriteAt(ctx, []byte{1}, 5*chunk+7, false); err != nil {
+		t.Fatal(err)
+	}
+	var ext []backends.Extent
+	if err := d.Extents(ctx, 0, d.Size(), func(e backends.Extent) { ext = append(ext, e) }); err != nil {
+		t.Fatal(err)
+	}
+	hole := backends.ExtentHole | backends.ExtentZero
+	want := []backends.Extent{{Length: 5 * chunk, Flags: hole}, {Length: chunk}, {Length: 10 * chunk, Flags: hole}}
+	if fmt.Sprint(ext) != fmt.Sprint(want) {
+		t.Fatalf("extents %v, want %v", ext, want)
+	}
+	if err := d.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := g.chunks("unflushed"); len(got) != 1 || got[0] != chunkName(5) {
+		t.Fatalf("after flush: %v", got)
+	}
+}
