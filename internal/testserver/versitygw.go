@@ -2,6 +2,7 @@ package testserver
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net/http"
 	"os"
@@ -15,6 +16,8 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
+
+	"github.com/csi-nbd/csi-nbd/internal/testpki"
 )
 
 // Versitygw is a versitygw S3 gateway (posix backend over a temp
@@ -29,6 +32,9 @@ type Versitygw struct {
 	Access string
 	Secret string
 
+	tlsDir string // with server-cert.pem, server-key.pem: serve https
+	client *http.Client
+
 	mu     sync.Mutex
 	cmd    *exec.Cmd
 	exited chan error // receives cmd.Wait's result
@@ -36,13 +42,29 @@ type Versitygw struct {
 }
 
 // Endpoint is the gateway's base URL.
-func (v *Versitygw) Endpoint() string { return "http://" + Addr(v.Port) }
+func (v *Versitygw) Endpoint() string {
+	if v.tlsDir != "" {
+		return "https://" + Addr(v.Port)
+	}
+	return "http://" + Addr(v.Port)
+}
 
 // StartVersitygw starts versitygw (RequireTool: skipped when missing,
 // except in CI) with fresh credentials and an empty data directory, and
 // stops it when the test ends.
 func StartVersitygw(t testing.TB) *Versitygw {
 	t.Helper()
+	return startVersitygw(t, nil)
+}
+
+// StartVersitygwTLS is StartVersitygw serving https with a certificate
+// from ca (for localhost, 127.0.0.1 and ::1).
+func StartVersitygwTLS(t testing.TB, ca *testpki.CA) *Versitygw {
+	t.Helper()
+	return startVersitygw(t, ca)
+}
+
+func startVersitygw(t testing.TB, ca *testpki.CA) *Versitygw {
 	v := &Versitygw{
 		t:      t,
 		bin:    RequireTool(t, "versitygw"),
@@ -50,6 +72,11 @@ func StartVersitygw(t testing.TB) *Versitygw {
 		Port:   FreePort(t),
 		Access: "testaccess",
 		Secret: "testsecret0123456789",
+	}
+	v.client = http.DefaultClient
+	if ca != nil {
+		v.tlsDir = ca.ServerDir(t)
+		v.client = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: ca.Pool()}}}
 	}
 	logf, err := os.Create(filepath.Join(t.TempDir(), "versitygw.log"))
 	if err != nil {
@@ -85,11 +112,11 @@ func (v *Versitygw) Restart() {
 	if v.cmd != nil {
 		v.t.Fatal("versitygw: Restart while running")
 	}
-	cmd := exec.Command(v.bin,
-		"--port", Addr(v.Port),
-		"--access", v.Access, "--secret", v.Secret,
-		"--health", "/health",
-		"posix", v.Dir)
+	args := []string{"--port", Addr(v.Port), "--access", v.Access, "--secret", v.Secret, "--health", "/health"}
+	if v.tlsDir != "" {
+		args = append(args, "--cert", filepath.Join(v.tlsDir, "server-cert.pem"), "--key", filepath.Join(v.tlsDir, "server-key.pem"))
+	}
+	cmd := exec.Command(v.bin, append(args, "posix", v.Dir)...)
 	cmd.Stdout, cmd.Stderr = v.log, v.log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -100,7 +127,7 @@ func (v *Versitygw) Restart() {
 	go func() { exited <- cmd.Wait() }()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		resp, err := http.Get(v.Endpoint() + "/health")
+		resp, err := v.client.Get(v.Endpoint() + "/health")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
@@ -145,6 +172,7 @@ func (v *Versitygw) Client() *s3.Client {
 		BaseEndpoint: aws.String(v.Endpoint()),
 		UsePathStyle: true,
 		Credentials:  credentials.NewStaticCredentialsProvider(v.Access, v.Secret, ""),
+		HTTPClient:   v.client,
 	})
 }
 

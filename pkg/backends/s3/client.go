@@ -3,11 +3,14 @@ package s3
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"syscall"
 	"time"
@@ -38,11 +41,30 @@ type bucket struct {
 // newBucket builds the client for c. Credentials come from env's secrets
 // when access-key-id is there, else from the standard AWS chain.
 func newBucket(ctx context.Context, c *config, env backends.Env) (*bucket, error) {
+	var roots *x509.CertPool
+	if c.ca != "" {
+		pem, err := os.ReadFile(c.ca)
+		if err != nil {
+			return nil, fmt.Errorf("s3: option %q: %w", "ca", err)
+		}
+		if roots, err = x509.SystemCertPool(); err != nil {
+			roots = x509.NewCertPool()
+		}
+		if !roots.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("s3: option %q: no PEM certificates in %s", "ca", c.ca)
+		}
+	}
 	httpClient := awshttp.NewBuildableClient().WithTransportOptions(func(t *http.Transport) {
 		// Keep a connection per request in flight, or every chunk
 		// past the default 10 pays a new TCP (and TLS) handshake.
 		t.MaxIdleConns = 2 * c.parallel
 		t.MaxIdleConnsPerHost = 2 * c.parallel
+		if roots != nil {
+			if t.TLSClientConfig == nil {
+				t.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+			}
+			t.TLSClientConfig.RootCAs = roots
+		}
 	}).WithDialerOptions(func(d *net.Dialer) {
 		d.Timeout = min(c.timeout, 10*time.Second)
 	})

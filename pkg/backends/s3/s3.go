@@ -53,6 +53,8 @@ var Options = []backends.Option{
 		Doc: "Chunk object size, a power of two from 64Ki to 64Mi, fixed at creation (default 4Mi); when given, opening checks it against the volume's."},
 	{Key: "endpoint", Kind: backends.OptString,
 		Doc: "S3 endpoint URL (http:// or https://); default: AWS for the region."},
+	{Key: "ca", Kind: backends.OptString,
+		Doc: "PEM file of CA certificates trusted for an https endpoint besides the system's."},
 	{Key: "region", Kind: backends.OptString, Default: "us-east-1",
 		Doc: "Region used for request signing."},
 	{Key: "path-style", Kind: backends.OptBool, Default: "false",
@@ -94,6 +96,7 @@ type config struct {
 	size      uint64 // 0: not given
 	chunk     uint64 // 0: not given (an existing volume's, or defaultChunk)
 	endpoint  string
+	ca        string // CA bundle path
 	region    string
 	pathStyle bool
 	readOnly  bool
@@ -133,6 +136,7 @@ func parseConfig(s backends.Spec) (*config, error) {
 		}
 		c.endpoint = ep
 	}
+	c.ca, _ = s.Value("ca")
 	c.region, _ = s.Value("region")
 	if c.region == "" || strings.ContainsAny(c.region, "/ \t\n") {
 		return nil, fmt.Errorf("s3: option %q: invalid region %q", "region", c.region)

@@ -20,6 +20,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
+	"github.com/csi-nbd/csi-nbd/internal/testpki"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/nbd"
@@ -693,5 +694,53 @@ func TestExtentsSeeUnflushedWrites(t *testing.T) {
 	}
 	if got := g.chunks("unflushed"); len(got) != 1 || got[0] != chunkName(5) {
 		t.Fatalf("after flush: %v", got)
+	}
+}
+
+// An https endpoint with a private CA (option ca): data goes through, and
+// without the CA the certificate is refused, clearly.
+func TestHTTPSEndpoint(t *testing.T) {
+	ca := testpki.NewCA(t, "s3 test CA")
+	v := testserver.StartVersitygwTLS(t, ca)
+	v.CreateBucket(bucketName)
+	caFile := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(caFile, ca.PEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	env := backends.Env{Secrets: v.Secrets(), Owner: "n"}
+	spec := func(opts string) backends.Spec {
+		s, err := backends.Parse(opts + "endpoint=" + v.Endpoint() + ",path-style=true,size=1Mi,chunk=64Ki,timeout=5s;s3://" + bucketName + "/tls")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	if _, err := Open(ctx, spec(""), env); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("open without the CA: %v; want a certificate error", err)
+	}
+	d, err := Open(ctx, spec("ca="+caFile+","), env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, 200<<10)
+	rand.Read(data)
+	if err := d.WriteAt(ctx, data, 1000, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	d, err = Open(ctx, spec("ca="+caFile+",readonly=true,"), env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	got := make([]byte, len(data))
+	if err := d.ReadAt(ctx, got, 1000); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read back over https: %v", err)
+	}
+	if _, err := Open(ctx, spec("ca="+filepath.Join(t.TempDir(), "none.pem")+","), env); err == nil || !strings.Contains(err.Error(), `option "ca"`) {
+		t.Fatalf("missing CA file: %v", err)
 	}
 }
