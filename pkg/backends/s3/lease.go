@@ -113,8 +113,8 @@ func (l *lease) renewLoop() {
 			l.mu.Unlock()
 			klog.Background().Error(err, "s3 lease renewal failed", "volume", l.b.loc.String())
 		}
-		if l.check() != nil && errors.Is(l.check(), ErrLeased) {
-			return
+		if errors.Is(l.check(), ErrLeased) {
+			return // taken over: nothing left to renew
 		}
 		t.Reset(next)
 	}
