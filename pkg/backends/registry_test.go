@@ -11,7 +11,7 @@ import (
 )
 
 func TestSchemes(t *testing.T) {
-	if got, want := backends.Schemes(), []string{"data", "fake", "fakereq", "memory"}; !slices.Equal(got, want) {
+	if got, want := backends.Schemes(), []string{"data", "fake", "fakereq", "memory", "s3"}; !slices.Equal(got, want) {
 		t.Errorf("Schemes() = %v; want %v", got, want)
 	}
 	b, ok := backends.LookupBackend("memory")
@@ -135,7 +135,7 @@ func TestRegisterPanics(t *testing.T) {
 			reg()
 		}()
 	}
-	if got := len(backends.Schemes()); got != 4 {
+	if got := len(backends.Schemes()); got != 5 {
 		t.Errorf("failed registrations changed Schemes: %v", backends.Schemes())
 	}
 }
