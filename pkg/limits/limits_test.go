@@ -58,7 +58,7 @@ func TestParse(t *testing.T) {
 func TestFromAnnotations(t *testing.T) {
 	l, err := FromAnnotations(map[string]string{
 		"kubectl.kubernetes.io/last-applied-configuration": "{}",
-		"csi-nbd.io/something-else":                       "x",
+		"csi-nbd.io/something-else":                        "x",
 	})
 	if err != nil || l.Set != 0 {
 		t.Errorf("unrelated annotations: %+v, %v; want nothing set", l, err)
