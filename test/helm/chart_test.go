@@ -60,7 +60,7 @@ var strict = serializer.NewCodecFactory(scheme.Scheme, serializer.EnableStrict).
 // foreignKinds are rendered by the chart but not in client-go's scheme
 // (their CRDs come from other projects); they are decoded as unstructured.
 var foreignKinds = map[string]bool{
-	"monitoring.coreos.com/v1, Kind=ServiceMonitor":         true,
+	"monitoring.coreos.com/v1, Kind=ServiceMonitor":        true,
 	"snapshot.storage.k8s.io/v1, Kind=VolumeSnapshotClass": true,
 }
 
@@ -697,4 +697,3 @@ func TestExamples(t *testing.T) {
 		})
 	}
 }
-
