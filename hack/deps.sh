@@ -34,6 +34,7 @@ TOOLS_CACHE=${TOOLS_CACHE:-/var/cache/csi-nbd/tools}
 go_tools=(
   github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.6.0
   helm.sh/helm/v3/cmd/helm@v3.22.0
+  github.com/yannh/kubeconform/cmd/kubeconform@v0.8.0
 )
 mkdir -p "$TOOLS_CACHE/bin"
 for spec in "${go_tools[@]}"; do
