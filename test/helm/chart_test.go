@@ -579,6 +579,9 @@ func TestOlderCluster(t *testing.T) {
 	if n := len(r.ofKind("VolumeAttributesClass")); n != 0 {
 		t.Errorf("%d VolumeAttributesClasses for Kubernetes 1.33", n)
 	}
+	if strings.Contains(r.notes, "volumeAttributesClassName") {
+		t.Error("NOTES offer VolumeAttributesClasses the chart did not create")
+	}
 }
 
 func TestSnapshotterOffDropsItsRights(t *testing.T) {

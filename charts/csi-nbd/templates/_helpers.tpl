@@ -119,3 +119,12 @@ mountOptions:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/*
+Whether the cluster serves storage.k8s.io/v1 VolumeAttributesClass (>= 1.34).
+Discovery lists the kind on a live cluster; `helm template` knows only the
+version it is given (--kube-version).
+*/}}
+{{- define "csi-nbd.vacSupported" -}}
+{{- if or (.Capabilities.APIVersions.Has "storage.k8s.io/v1/VolumeAttributesClass") (semverCompare ">=1.34.0-0" .Capabilities.KubeVersion.Version) -}}true{{- end -}}
+{{- end -}}
