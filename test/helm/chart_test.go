@@ -313,6 +313,27 @@ func checkInvariants(t *testing.T, r *rendered) {
 		}
 	}
 
+	// Least privilege: no wildcards, and Secrets are only ever read.
+	var rules []rbacv1.PolicyRule
+	for _, o := range r.ofKind("ClusterRole") {
+		rules = append(rules, o.(*rbacv1.ClusterRole).Rules...)
+	}
+	for _, o := range r.ofKind("Role") {
+		rules = append(rules, o.(*rbacv1.Role).Rules...)
+	}
+	for _, rule := range rules {
+		if slices.Contains(rule.Verbs, "*") || slices.Contains(rule.Resources, "*") || slices.Contains(rule.APIGroups, "*") {
+			t.Errorf("wildcard rule %+v", rule)
+		}
+		if slices.Contains(rule.Resources, "secrets") {
+			for _, v := range rule.Verbs {
+				if v != "get" && v != "list" && v != "watch" {
+					t.Errorf("secrets: %s granted", v)
+				}
+			}
+		}
+	}
+
 	for _, o := range r.ofKind("StorageClass") {
 		sc := o.(*storagev1.StorageClass)
 		if sc.Provisioner != driverName {
