@@ -61,6 +61,13 @@ func (n *Nginx) WriteFile(t testing.TB, name string, data []byte, mtime time.Tim
 	}
 }
 
+// AccessLog returns nginx's access log so far (combined format: the
+// request line shows the protocol, e.g. "GET /f HTTP/2.0").
+func (n *Nginx) AccessLog() string {
+	b, _ := os.ReadFile(filepath.Join(n.dir, "access.log"))
+	return string(b)
+}
+
 // ErrorLog returns what nginx wrote to its error log so far.
 func (n *Nginx) ErrorLog() string {
 	b, _ := os.ReadFile(filepath.Join(n.dir, "error.log"))

@@ -124,7 +124,7 @@ func parseHeaderSecret(name, v string) ([][2]string, error) {
 		}
 		switch strings.ToLower(k) {
 		case "host", "range", "if-match", "if-unmodified-since", "content-length", "transfer-encoding", "connection":
-			return nil, fmt.Errorf("secret %q: line %d: header %q is the backend's own", name, n+1, k)
+			return nil, fmt.Errorf("secret %q: line %d: that header is the backend's own", name, n+1)
 		}
 		out = append(out, [2]string{k, val})
 	}
