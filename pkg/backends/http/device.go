@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -72,7 +73,7 @@ func (d *Device) probe(ctx context.Context, sizeOpt uint64) error {
 		var err error
 		resp, err = d.do(ctx, http.MethodGet, "bytes=0-0", false)
 		if err != nil {
-			return fmt.Errorf("GET %s: %w", d.shown, err)
+			return fmt.Errorf("GET %s: %w", d.shown, d.timedOut(ctx, err))
 		}
 		if !isRedirect(resp.StatusCode) {
 			break
@@ -105,7 +106,7 @@ func (d *Device) probe(ctx context.Context, sizeOpt uint64) error {
 	case http.StatusPartialContent:
 		cr, err := parseContentRange(resp.Header.Get("Content-Range"))
 		if err != nil {
-			return fmt.Errorf("GET %s: %w", d.shown, err)
+			return fmt.Errorf("GET %s: %w", d.shown, d.timedOut(ctx, err))
 		}
 		if cr.first != 0 || cr.last != 0 {
 			return fmt.Errorf("GET %s: asked for bytes 0-0, got Content-Range %q", d.shown, resp.Header.Get("Content-Range"))
@@ -348,7 +349,7 @@ func (d *Device) get(ctx context.Context, p []byte, off uint64) (wait time.Durat
 	last := off + uint64(len(p)) - 1
 	resp, err := d.do(ctx, http.MethodGet, fmt.Sprintf("bytes=%d-%d", off, last), true)
 	if err != nil {
-		return 0, err // connection refused or reset, timeout...: retry
+		return 0, d.timedOut(ctx, err) // connection refused or reset, timeout...: retry
 	}
 	defer resp.Body.Close()
 	switch code := resp.StatusCode; {
@@ -370,7 +371,7 @@ func (d *Device) get(ctx context.Context, p []byte, off uint64) (wait time.Durat
 			return -1, fmt.Errorf("Content-Length %d for a %d-byte range", resp.ContentLength, len(p))
 		}
 		if _, err := io.ReadFull(resp.Body, p); err != nil {
-			return 0, fmt.Errorf("reading body: %w", err)
+			return 0, fmt.Errorf("reading body: %w", d.timedOut(ctx, err))
 		}
 		return 0, nil
 	case code == http.StatusPreconditionFailed:
@@ -392,6 +393,15 @@ func (d *Device) get(ctx context.Context, p []byte, off uint64) (wait time.Durat
 	default: // 401, 403 (an expired presigned URL)...
 		return -1, errors.New(resp.Status)
 	}
+}
+
+// timedOut words a timeout of one request (not the caller's) as such.
+func (d *Device) timedOut(ctx context.Context, err error) error {
+	var ne net.Error
+	if ctx.Err() == nil && (errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()) {
+		return fmt.Errorf("no answer within %v (option %q): %w", d.timeout, optTimeout, err)
+	}
+	return err
 }
 
 // fail records that the object changed; every later read fails too, so a

@@ -81,8 +81,8 @@ func parseDigits(s string) (int64, error) {
 }
 
 func clip(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "…"
+	if len(s) > 40 {
+		return s[:40] + "…"
 	}
 	return s
 }
