@@ -4,20 +4,21 @@
 # http backend) and `nbdkit curl URL`. Prints each figure for both servers
 # and the ratio csi-nbd/nbdkit (for latency, lower is better).
 #
-#   hack/bench-http-vs-nbdkit.sh              # http and https, 3 rounds (medians)
+#   hack/bench-http-vs-nbdkit.sh              # http, https, https-h1; 3 rounds (medians)
 #   ROUNDS=1 SCHEMES=https MIB=64 hack/bench-http-vs-nbdkit.sh
 #
 # Figures: nbdcopy sequential read to null: (1 and 4 connections) and fio's
 # nbd engine 4k random read at depth 1 and 32 (one connection). Each round
 # measures csi-nbd then nbdkit for one figure, so drift on a shared machine
-# hits both alike. https uses a throwaway CA (openssl) and HTTP/2 where the
-# client offers it (Go does; nbdkit 1.32's curl plugin speaks HTTP/1.1 per
-# NBD connection and serializes requests on each).
+# hits both alike. https uses a throwaway CA (openssl); csi-nbd speaks
+# HTTP/2 to it, or HTTP/1.1 with https-h1 (spec option http2=false), while
+# nbdkit 1.32's curl plugin uses one curl handle per NBD connection and
+# serializes the requests on each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-3}
-SCHEMES=${SCHEMES:-"http https"}
+SCHEMES=${SCHEMES:-"http https https-h1"}
 MIB=${MIB:-256}            # object size in MiB
 RUNTIME=${RUNTIME:-5}
 for t in nginx nbdkit nbdcopy nbdinfo fio python3 openssl; do
@@ -43,11 +44,14 @@ openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0
 openssl x509 -req -in "$work/srv.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial -days 1 \
   -extfile <(printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n') -out "$work/srv.pem" 2>/dev/null
 
-# nginx in the foreground as one unprivileged-safe process, everything in $work.
+# nginx in the foreground with two workers, everything in $work (as root,
+# the workers stay root: $work is private to us).
+user=""
+[ "$(id -u)" -eq 0 ] && user="user root;"
 cat > "$work/nginx.conf" <<CONF
 daemon off;
-master_process off;
-worker_processes 1;
+$user
+worker_processes 2;
 pid $work/nginx.pid;
 error_log $work/nginx-error.log;
 events { worker_connections 1024; }
@@ -79,6 +83,7 @@ for s in $SCHEMES; do
   case $s in
     http) url=http://127.0.0.1:10930/disk.img; csi_spec=$url; kit_args=(url="$url") ;;
     https) url=https://127.0.0.1:10931/disk.img; csi_spec="ca=$work/ca.pem;$url"; kit_args=(url="$url" cainfo="$work/ca.pem") ;;
+    https-h1) url=https://127.0.0.1:10931/disk.img; csi_spec="ca=$work/ca.pem,http2=false;$url"; kit_args=(url="$url" cainfo="$work/ca.pem") ;;
     *) echo "unknown scheme $s" >&2; exit 1 ;;
   esac
   "$work/csi-nbd" serve --listen "tcp://127.0.0.1:$port" "$csi_spec" >"$work/csi-$s.log" 2>&1 &

@@ -39,6 +39,7 @@ const (
 	optTimeout     = "timeout"
 	optConnections = "connections"
 	optRetries     = "retries"
+	optHTTP2       = "http2"
 )
 
 var options = []backends.Option{
@@ -54,6 +55,8 @@ var options = []backends.Option{
 		Doc: "Most requests in flight to the origin at once (and connections kept open to it)."},
 	{Key: optRetries, Kind: backends.OptInt, Default: "5",
 		Doc: "Retries of a failed read, with exponential backoff, on 5xx, 408, 429, timeouts and broken connections."},
+	{Key: optHTTP2, Kind: backends.OptBool, Default: "true",
+		Doc: "Offer HTTP/2 to https origins (one multiplexed connection); false keeps to HTTP/1.1 over up to connections connections."},
 }
 
 func init() {
@@ -77,6 +80,7 @@ type config struct {
 	timeout     time.Duration
 	connections int
 	retries     int
+	http2       bool
 }
 
 // parseConfig checks what can be checked without the network, secrets or
@@ -138,6 +142,7 @@ func parseConfig(s backends.Spec) (config, error) {
 		return c, fmt.Errorf("option %q: %d is not in 0..100", optRetries, n)
 	}
 	c.retries = int(n)
+	c.http2, _ = s.Bool(optHTTP2)
 	return c, nil
 }
 
@@ -201,7 +206,7 @@ func open(ctx context.Context, s backends.Spec, env backends.Env) (backends.Devi
 		DialContext:           dialer.DialContext,
 		TLSClientConfig:       tlsCfg,
 		TLSHandshakeTimeout:   c.timeout,
-		ForceAttemptHTTP2:     true,
+		ForceAttemptHTTP2:     c.http2,
 		MaxIdleConns:          c.connections,
 		MaxIdleConnsPerHost:   c.connections,
 		MaxConnsPerHost:       c.connections,

@@ -272,7 +272,15 @@ func TestNginxHTTPSWithCA(t *testing.T) {
 		t.Fatal("https read differs")
 	}
 	// nginx offers HTTP/2 through ALPN, and the backend takes it.
-	if log := n.AccessLog(); !strings.Contains(log, "HTTP/2.0\" 206") {
-		t.Fatalf("no HTTP/2 range request in nginx's access log:\n%s", log)
+	if log := n.AccessLog(); !strings.Contains(log, "HTTP/2.0\" 206") || strings.Contains(log, "HTTP/1.1\" 206") {
+		t.Fatalf("want only HTTP/2 range requests in nginx's access log:\n%s", log)
+	}
+	// http2=false keeps to HTTP/1.1.
+	dev = openSpec(t, "http2=false,ca="+caFile+";"+n.URL+"/disk.img", backends.Env{})
+	if err := dev.ReadAt(context.Background(), got[:4096], 0); err != nil {
+		t.Fatal(err)
+	}
+	if log := n.AccessLog(); !strings.Contains(log, "HTTP/1.1\" 206") {
+		t.Fatalf("no HTTP/1.1 range request in nginx's access log with http2=false:\n%s", log)
 	}
 }
