@@ -37,12 +37,13 @@ var errChanged = errors.New("origin object changed since the volume was opened")
 
 // Device reads one pinned object. It is safe for concurrent use.
 type Device struct {
-	client  *http.Client
-	origin  *url.URL // the spec's URL
-	timeout time.Duration
-	retries int
-	sem     chan struct{} // bounds requests in flight
-	headers [][2]string   // from header-secret
+	client    *http.Client
+	origin    *url.URL // the spec's URL, parsed
+	originRaw string   // and as written
+	timeout   time.Duration
+	retries   int
+	sem       chan struct{} // bounds requests in flight
+	headers   [][2]string   // from header-secret
 
 	// Set by probe, constant afterwards.
 	url         string // the pinned (final) URL
@@ -65,10 +66,10 @@ var _ backends.Device = (*Device)(nil)
 // URLs signed for GET only); HEAD is asked only when the range reply
 // leaves the size unknown ("bytes 0-0/*").
 func (d *Device) probe(ctx context.Context, sizeOpt uint64) error {
-	cur := d.origin
+	cur, raw := d.origin, d.originRaw // the first request goes to the spec's URL verbatim
 	var resp *http.Response
 	for hops := 0; ; hops++ {
-		d.url, d.shown = cur.String(), Redact(cur.String())
+		d.url, d.shown = raw, Redact(raw)
 		d.sendHeaders = cur.Host == d.origin.Host && (cur.Scheme == d.origin.Scheme || cur.Scheme == "https")
 		var err error
 		resp, err = d.do(ctx, http.MethodGet, "bytes=0-0", false)
@@ -97,7 +98,7 @@ func (d *Device) probe(ctx context.Context, sizeOpt uint64) error {
 			return fmt.Errorf("GET %s: refusing a redirect from https to http (%s)", d.shown, Redact(next.String()))
 		}
 		klog.V(2).InfoS("Origin redirects", "from", d.shown, "to", Redact(next.String()), "status", resp.StatusCode)
-		cur = next
+		cur, raw = next, next.String()
 	}
 	defer discard(resp)
 

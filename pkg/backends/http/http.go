@@ -223,11 +223,12 @@ func open(ctx context.Context, s backends.Spec, env backends.Env) (backends.Devi
 			// result; a read that is redirected is an error.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
-		origin:  c.url,
-		timeout: c.timeout,
-		retries: c.retries,
-		sem:     make(chan struct{}, c.connections),
-		headers: headers,
+		origin:    c.url,
+		originRaw: s.URL,
+		timeout:   c.timeout,
+		retries:   c.retries,
+		sem:       make(chan struct{}, c.connections),
+		headers:   headers,
 	}
 	if err := d.probe(ctx, c.size); err != nil {
 		tr.CloseIdleConnections()

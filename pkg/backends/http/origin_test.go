@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
@@ -386,6 +387,51 @@ func TestConditionalReads(t *testing.T) {
 			if got := h.Get(tc.header); got != tc.want || len(h.Values("If-Match"))+len(h.Values("If-Unmodified-Since")) != 1 {
 				t.Errorf("etag %s: read with %s %q (headers %v), want %q", tc.etag, tc.header, got, h, tc.want)
 			}
+		}
+		mu.Unlock()
+	}
+}
+
+// A large read is fetched as parallel range requests, never more at once
+// than option connections allows.
+func TestParallelChunksCapped(t *testing.T) {
+	data := randBytes(16 << 20)
+	for _, conns := range []int{2, 8} {
+		var mu sync.Mutex
+		inFlight, most, seen := 0, 0, 0
+		const chunks = 8 // 16 MiB in 2 MiB range requests
+		s := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
+			if r.Header.Get("Range") != "bytes=0-0" {
+				mu.Lock()
+				inFlight++
+				seen++
+				most = max(most, inFlight)
+				n, all := inFlight, seen == chunks
+				mu.Unlock()
+				// Hold each request until as many as allowed are in
+				// flight or no more will come (or a while has passed,
+				// so a broken cap fails the test instead of hanging it).
+				for deadline := time.Now().Add(2 * time.Second); n < conns && !all && time.Now().Before(deadline); {
+					time.Sleep(time.Millisecond)
+					mu.Lock()
+					n, all = inFlight, seen == chunks
+					mu.Unlock()
+				}
+				defer func() { mu.Lock(); inFlight--; mu.Unlock() }()
+			}
+			serveObject(w, r, data, `"v1"`)
+		})
+		dev := openSpec(t, fmt.Sprintf("connections=%d;%s/disk.img", conns, s.URL), backends.Env{})
+		got := make([]byte, len(data))
+		if err := dev.ReadAt(context.Background(), got, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, data) {
+			t.Fatal("read differs")
+		}
+		mu.Lock()
+		if most != conns {
+			t.Errorf("connections=%d: at most %d requests were in flight, want exactly %d", conns, most, conns)
 		}
 		mu.Unlock()
 	}
