@@ -3,10 +3,13 @@ package httpdev_test
 import (
 	"bytes"
 	"context"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -434,5 +437,22 @@ func TestParallelChunksCapped(t *testing.T) {
 			t.Errorf("connections=%d: at most %d requests were in flight, want exactly %d", conns, most, conns)
 		}
 		mu.Unlock()
+	}
+}
+
+// A redirect from https to http would send the rest in clear: refused.
+func TestRedirectDowngradeRefused(t *testing.T) {
+	plain := startOrigin(t, func(w http.ResponseWriter, r *http.Request) { serveObject(w, r, []byte("x"), `"x"`) })
+	s := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, plain.URL+"/disk.img", http.StatusFound)
+	}))
+	t.Cleanup(s.Close)
+	caFile := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: s.Certificate().Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := tryOpen("ca="+caFile+";"+s.URL+"/disk.img", backends.Env{})
+	if err == nil || !strings.Contains(err.Error(), "https to http") {
+		t.Fatalf("open through a downgrading redirect: %v", err)
 	}
 }
