@@ -121,6 +121,12 @@ func (d *Device) probe(ctx context.Context, sizeOpt uint64) error {
 		}
 		originSize = 0
 	case http.StatusOK:
+		if resp.ContentLength == 0 {
+			// An empty object: nginx, for one, skips ranges for it, and
+			// an empty volume has nothing to ask a range of anyway.
+			originSize = 0
+			break
+		}
 		hint := ""
 		if strings.EqualFold(resp.Header.Get("Accept-Ranges"), "none") {
 			hint = ", and says Accept-Ranges: none"

@@ -193,6 +193,11 @@ func TestNginxMissingAndNoRanges(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "404") || !strings.Contains(err.Error(), n.URL+"/nothere.img") {
 		t.Fatalf("open of a missing object: %v; want 404 naming the URL", err)
 	}
+	// An empty object is an empty volume (nginx answers 416 "bytes */0").
+	n.WriteFile(t, "empty.img", nil, mtime)
+	if dev := openSpec(t, n.URL+"/empty.img", backends.Env{}); dev.Size() != 0 {
+		t.Fatalf("empty object: size %d", dev.Size())
+	}
 	_, err = tryOpen(n.URL+"/noranges/disk.img", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), "range requests") {
 		t.Fatalf("open without ranges: %v; want a refusal naming range requests", err)

@@ -283,10 +283,14 @@ func TestOriginIgnoringIfMatch(t *testing.T) {
 // agree with it.
 func TestSizeOption(t *testing.T) {
 	data := randBytes(10000)
+	var headLength atomic.Bool
 	s := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
 		var first, last int
 		if r.Method != http.MethodGet {
-			w.WriteHeader(http.StatusOK) // HEAD: no Content-Length
+			if headLength.Load() {
+				w.Header().Set("Content-Length", fmt.Sprint(len(data)))
+			}
+			w.WriteHeader(http.StatusOK)
 			return
 		}
 		if _, err := fmt.Sscanf(r.Header.Get("Range"), "bytes=%d-%d", &first, &last); err != nil {
@@ -306,6 +310,12 @@ func TestSizeOption(t *testing.T) {
 	got := make([]byte, 10000)
 	if err := dev.ReadAt(context.Background(), got, 0); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("read of a sizeless origin: %v", err)
+	}
+
+	// HEAD fills in what the range reply left out.
+	headLength.Store(true)
+	if dev := openSpec(t, s.URL+"/stream2", backends.Env{}); dev.Size() != 10000 {
+		t.Fatalf("size from HEAD: %d, want 10000", dev.Size())
 	}
 
 	good := startOrigin(t, func(w http.ResponseWriter, r *http.Request) { serveObject(w, r, data, `"x"`) })
@@ -454,5 +464,33 @@ func TestRedirectDowngradeRefused(t *testing.T) {
 	_, err := tryOpen("ca="+caFile+";"+s.URL+"/disk.img", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), "https to http") {
 		t.Fatalf("open through a downgrading redirect: %v", err)
+	}
+}
+
+// A connection that breaks in the middle of a body is retried.
+func TestRetryBrokenBody(t *testing.T) {
+	data := randBytes(1 << 20)
+	var broken atomic.Int32
+	s := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Range") != "bytes=0-0" && broken.Add(1) == 1 {
+			w.Header().Set("ETag", `"v1"`)
+			w.Header().Set("Content-Range", fmt.Sprintf("bytes 0-%d/%d", len(data)-1, len(data)))
+			w.Header().Set("Content-Length", fmt.Sprint(len(data)))
+			w.WriteHeader(http.StatusPartialContent)
+			w.Write(data[:1000])
+			panic(http.ErrAbortHandler) // drops the connection
+		}
+		serveObject(w, r, data, `"v1"`)
+	})
+	dev := openSpec(t, s.URL+"/disk.img", backends.Env{})
+	got := make([]byte, len(data))
+	if err := dev.ReadAt(context.Background(), got, 0); err != nil {
+		t.Fatalf("read through a broken connection: %v", err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("read differs")
+	}
+	if n := broken.Load(); n != 2 {
+		t.Fatalf("%d range requests, want 2", n)
 	}
 }
