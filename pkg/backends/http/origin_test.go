@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/pem"
 	"errors"
+	"flag"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -16,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"k8s.io/klog/v2"
 
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
@@ -492,5 +495,62 @@ func TestRetryBrokenBody(t *testing.T) {
 	}
 	if n := broken.Load(); n != 2 {
 		t.Fatalf("%d range requests, want 2", n)
+	}
+}
+
+// Nothing the backend logs, even at -v=2, shows a presigned URL's query or
+// a secret's value.
+func TestLogsKeepCredentialsOut(t *testing.T) {
+	var logs bytes.Buffer
+	fs := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(fs)
+	fs.Set("logtostderr", "false")
+	fs.Set("alsologtostderr", "false")
+	fs.Set("v", "2")
+	klog.SetOutput(&logs)
+	t.Cleanup(func() {
+		fs.Set("v", "0")
+		fs.Set("logtostderr", "true")
+		klog.SetOutput(os.Stderr)
+	})
+
+	data := randBytes(64 << 10)
+	var etag atomic.Value
+	etag.Store(`"v1"`)
+	var fails atomic.Int32
+	final := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Range") != "bytes=0-0" && fails.Add(1) <= 1 {
+			http.Error(w, "busy", http.StatusServiceUnavailable)
+			return
+		}
+		r.Header.Del("If-Match")
+		serveObject(w, r, data, etag.Load().(string))
+	})
+	front := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, final.URL+"/obj?X-Amz-Signature=SIGNATURE2", http.StatusFound)
+	})
+	env := backends.Env{Secrets: map[string]string{"tok": "Bearer TOKENVALUE"}}
+	dev := openSpec(t, "header-secret=tok;"+front.URL+"/obj?X-Amz-Signature=SIGNATURE1", env)
+	p := make([]byte, 4096)
+	if err := dev.ReadAt(context.Background(), p, 0); err != nil { // one 503, one retry
+		t.Fatal(err)
+	}
+	etag.Store(`"v2"`)
+	if err := dev.ReadAt(context.Background(), p, 0); err == nil {
+		t.Fatal("read of a changed object succeeded")
+	} else if strings.Contains(err.Error(), "SIGNATURE") || strings.Contains(err.Error(), "TOKENVALUE") {
+		t.Fatalf("error shows a credential: %v", err)
+	}
+	klog.Flush()
+	out := logs.String()
+	for _, want := range []string{"Origin redirects", "Retrying origin read", "Origin changed"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("no %q in the logs:\n%s", want, out)
+		}
+	}
+	for _, secret := range []string{"SIGNATURE", "TOKENVALUE"} {
+		if strings.Contains(out, secret) {
+			t.Errorf("logs show %s:\n%s", secret, out)
+		}
 	}
 }
