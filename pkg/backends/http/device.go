@@ -107,7 +107,7 @@ func (d *Device) probe(ctx context.Context, sizeOpt uint64) error {
 	case http.StatusPartialContent:
 		cr, err := parseContentRange(resp.Header.Get("Content-Range"))
 		if err != nil {
-			return fmt.Errorf("GET %s: %w", d.shown, d.timedOut(ctx, err))
+			return fmt.Errorf("GET %s: %w", d.shown, err)
 		}
 		if cr.first != 0 || cr.last != 0 {
 			return fmt.Errorf("GET %s: asked for bytes 0-0, got Content-Range %q", d.shown, resp.Header.Get("Content-Range"))
@@ -132,6 +132,14 @@ func (d *Device) probe(ctx context.Context, sizeOpt uint64) error {
 			hint = ", and says Accept-Ranges: none"
 		}
 		return fmt.Errorf("origin %s does not serve range requests (it answered 200 with the whole object to \"Range: bytes=0-0\"%s); an http volume needs them", d.shown, hint)
+	case http.StatusUnauthorized, http.StatusForbidden:
+		hint := ""
+		if len(d.headers) == 0 {
+			hint = fmt.Sprintf(" (credentials go in a secret named by option %q)", optHeader)
+		} else if !d.sendHeaders {
+			hint = " (credentials are not sent to a host the spec URL redirected to)"
+		}
+		return fmt.Errorf("GET %s: %s%s", d.shown, resp.Status, hint)
 	default:
 		return fmt.Errorf("GET %s: %s", d.shown, resp.Status)
 	}
@@ -140,7 +148,7 @@ func (d *Device) probe(ctx context.Context, sizeOpt uint64) error {
 	if originSize < 0 {
 		h, err := d.do(ctx, http.MethodHead, "", true)
 		if err != nil {
-			return fmt.Errorf("HEAD %s: %w", d.shown, err)
+			return fmt.Errorf("HEAD %s: %w", d.shown, d.timedOut(ctx, err))
 		}
 		discard(h)
 		if h.StatusCode == http.StatusOK && h.ContentLength >= 0 && h.Header.Get("Content-Length") != "" {
