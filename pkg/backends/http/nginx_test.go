@@ -183,6 +183,12 @@ func TestNginxThroughNBD(t *testing.T) {
 	if out, err := run(t, "qemu-io", "-f", "raw", "-c", "write 0 512", "nbd:unix:"+sock+":exportname="+spec); err == nil {
 		t.Fatalf("write through NBD succeeded:\n%s", out)
 	}
+	// The object changes under the open volume: the client gets EIO.
+	n.WriteFile(t, "disk.img", randBytes(len(data)), mtime.Add(time.Minute))
+	out, err = run(t, "nbdcopy", nbdURI(sock, spec), filepath.Join(t.TempDir(), "copy2"))
+	if err == nil || !strings.Contains(out, "Input/output error") {
+		t.Fatalf("nbdcopy of a changed origin: %v\n%s", err, out)
+	}
 }
 
 func TestNginxMissingAndNoRanges(t *testing.T) {
