@@ -105,6 +105,9 @@ func (d *Device) probe(ctx context.Context, sizeOpt uint64) error {
 	var originSize int64 = -1
 	switch resp.StatusCode {
 	case http.StatusPartialContent:
+		if ce := resp.Header.Get("Content-Encoding"); ce != "" && !strings.EqualFold(ce, "identity") {
+			return fmt.Errorf("GET %s: origin sent a %q-encoded range, not the object's bytes", d.shown, ce)
+		}
 		cr, err := parseContentRange(resp.Header.Get("Content-Range"))
 		if err != nil {
 			return fmt.Errorf("GET %s: %w", d.shown, err)
@@ -371,6 +374,9 @@ func (d *Device) get(ctx context.Context, p []byte, off uint64) (wait time.Durat
 	case code == http.StatusPartialContent:
 		if why := d.changed(resp.Header); why != "" {
 			return -1, d.fail(why)
+		}
+		if ce := resp.Header.Get("Content-Encoding"); ce != "" && !strings.EqualFold(ce, "identity") {
+			return -1, fmt.Errorf("origin sent a %q-encoded range, not the object's bytes", ce)
 		}
 		cr, err := parseContentRange(resp.Header.Get("Content-Range"))
 		if err != nil {

@@ -554,3 +554,15 @@ func TestLogsKeepCredentialsOut(t *testing.T) {
 		}
 	}
 }
+
+// A range of a compressed representation is not the object's bytes.
+func TestEncodedRangeRefused(t *testing.T) {
+	s := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Encoding", "gzip")
+		serveObject(w, r, randBytes(4096), `"v1"`)
+	})
+	_, err := tryOpen(s.URL+"/disk.img", backends.Env{})
+	if err == nil || !strings.Contains(err.Error(), `"gzip"-encoded`) {
+		t.Fatalf("open of a gzip-encoding origin: %v", err)
+	}
+}
