@@ -72,9 +72,8 @@ func (d *Device) probe(ctx context.Context, sizeOpt uint64) error {
 		d.url, d.shown = raw, Redact(raw)
 		d.sendHeaders = cur.Host == d.origin.Host && (cur.Scheme == d.origin.Scheme || cur.Scheme == "https")
 		var err error
-		resp, err = d.do(ctx, http.MethodGet, "bytes=0-0", false)
-		if err != nil {
-			return fmt.Errorf("GET %s: %w", d.shown, d.timedOut(ctx, err))
+		if resp, err = d.probeGet(ctx); err != nil {
+			return fmt.Errorf("GET %s: %w", d.shown, err)
 		}
 		if !isRedirect(resp.StatusCode) {
 			break
@@ -175,6 +174,37 @@ func (d *Device) probe(ctx context.Context, sizeOpt uint64) error {
 	}
 	klog.V(1).InfoS("Opened http origin", "url", d.shown, "size", d.size, "etag", d.etag, "lastModified", d.lastMod)
 	return nil
+}
+
+// probeGet asks d.url for its first byte, retrying while the origin says
+// it is busy (5xx, 408, 429). A refused connection or a timeout fails at
+// once: an unreachable origin is reported within one timeout.
+func (d *Device) probeGet(ctx context.Context) (*http.Response, error) {
+	for attempt := 0; ; attempt++ {
+		resp, err := d.do(ctx, http.MethodGet, "bytes=0-0", false)
+		if err != nil {
+			return nil, d.timedOut(ctx, err)
+		}
+		if !busy(resp.StatusCode) || attempt >= d.retries {
+			return resp, nil
+		}
+		discard(resp)
+		wait := max(retryAfter(resp.Header.Get("Retry-After")), backoff(attempt))
+		klog.V(2).InfoS("Retrying origin probe", "url", d.shown, "status", resp.StatusCode, "attempt", attempt+1, "wait", wait)
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// busy reports statuses worth retrying: the origin is there but cannot
+// answer now.
+func busy(code int) bool {
+	return code == http.StatusRequestTimeout || code == http.StatusTooManyRequests || code >= 500
 }
 
 // pin remembers the object's validators from a response to the probe.
@@ -408,7 +438,7 @@ func (d *Device) get(ctx context.Context, p []byte, off uint64) (wait time.Durat
 		return -1, fmt.Errorf("origin ignored the Range header (200 OK)")
 	case isRedirect(code):
 		return -1, fmt.Errorf("%s: the pinned URL now redirects", resp.Status)
-	case code == http.StatusRequestTimeout, code == http.StatusTooManyRequests, code >= 500:
+	case busy(code):
 		discard(resp)
 		return retryAfter(resp.Header.Get("Retry-After")), errors.New(resp.Status)
 	default: // 401, 403 (an expired presigned URL)...

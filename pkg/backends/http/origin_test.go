@@ -131,6 +131,19 @@ func TestRetriesOn5xx(t *testing.T) {
 		serveObject(w, r, data, `"v1"`)
 	})
 	dev := openSpec(t, "retries=3;"+s.URL+"/disk.img", backends.Env{})
+
+	// Opening retries a busy origin too.
+	var probes atomic.Int32
+	busy := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
+		if probes.Add(1) <= 2 {
+			http.Error(w, "busy", http.StatusServiceUnavailable)
+			return
+		}
+		serveObject(w, r, data, `"v1"`)
+	})
+	if d := openSpec(t, "retries=3;"+busy.URL+"/disk.img", backends.Env{}); d.Size() != uint64(len(data)) || probes.Load() != 3 {
+		t.Fatalf("open through two 503s: size %d after %d requests", d.Size(), probes.Load())
+	}
 	got := make([]byte, 4096)
 	if err := dev.ReadAt(context.Background(), got, 8192); err != nil {
 		t.Fatalf("read through two 503s: %v", err)
