@@ -54,7 +54,7 @@ var options = []backends.Option{
 	{Key: optConnections, Kind: backends.OptInt, Default: "16",
 		Doc: "Most requests in flight to the origin at once (and connections kept open to it)."},
 	{Key: optRetries, Kind: backends.OptInt, Default: "5",
-		Doc: "Retries of a failed read, with exponential backoff, on 5xx, 408, 429, timeouts and broken connections."},
+		Doc: "Retries of a failed read, with exponential backoff, on 5xx, 408, 429, timeouts and broken connections (opening retries only 5xx, 408 and 429)."},
 	{Key: optHTTP2, Kind: backends.OptBool, Default: "true",
 		Doc: "Offer HTTP/2 to https origins (one multiplexed connection); false keeps to HTTP/1.1 over up to connections connections."},
 }
