@@ -47,3 +47,6 @@ for spec in "${go_tools[@]}"; do
     mkdir -p "$TOOLS_CACHE/stamps" && touch "$stamp"
   fi
 done
+
+# etcd and kube-apiserver for the tests that need a real API server (test/helm).
+hack/kube-testenv.sh >/dev/null
