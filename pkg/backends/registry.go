@@ -276,7 +276,7 @@ func Open(ctx context.Context, s Spec, env Env) (Device, error) {
 	}
 	dev, err := b.Open(ctx, s, env)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", quote(s.String()), err)
+		return nil, fmt.Errorf("open %s: %w", quote(s.Redacted()), err)
 	}
 	for _, f := range filters() {
 		if !f.enabled(s) {
@@ -284,7 +284,7 @@ func Open(ctx context.Context, s Spec, env Env) (Device, error) {
 		}
 		w, err := f.Wrap(ctx, s, env, dev)
 		if err != nil {
-			err = fmt.Errorf("open %s: filter %s: %w", quote(s.String()), f.Name, err)
+			err = fmt.Errorf("open %s: filter %s: %w", quote(s.Redacted()), f.Name, err)
 			return nil, errors.Join(err, dev.Close())
 		}
 		dev = w

@@ -5,6 +5,7 @@ package all
 
 import (
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/data"   // data: URIs
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/http"   // http(s) origins, read-only
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/memory" // sparse RAM disks
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/s3"     // volumes in S3 buckets
 )
