@@ -72,8 +72,9 @@ func (s *Server) Client(t testing.TB) *kubernetes.Clientset {
 }
 
 // Start runs etcd and kube-apiserver for the test's lifetime and waits
-// until the API server is ready.
-func Start(t testing.TB) *Server {
+// until the API server is ready. extraArgs go to kube-apiserver (e.g.
+// --runtime-config=… to turn an API off).
+func Start(t testing.TB, extraArgs ...string) *Server {
 	t.Helper()
 	bin := Bin(t)
 	dir := t.TempDir()
@@ -115,7 +116,7 @@ func Start(t testing.TB) *Server {
 		}
 	}
 	port := testserver.FreePort(t)
-	process(t, filepath.Join(bin, "kube-apiserver"),
+	process(t, filepath.Join(bin, "kube-apiserver"), append([]string{
 		"--etcd-servers="+clientURL,
 		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--secure-port="+strconv.Itoa(port),
 		"--tls-cert-file="+filepath.Join(dir, "server.pem"), "--tls-private-key-file="+filepath.Join(dir, "server.key"),
@@ -127,7 +128,7 @@ func Start(t testing.TB) *Server {
 		"--service-account-signing-key-file="+filepath.Join(dir, "sa.key"),
 		"--service-cluster-ip-range=10.96.0.0/16",
 		"--endpoint-reconciler-type=none",
-		"--v=1")
+		"--v=1"}, extraArgs...)...)
 
 	s := &Server{Config: &rest.Config{
 		Host:            "https://" + testserver.Addr(port),

@@ -27,6 +27,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
@@ -105,8 +106,7 @@ func New(client kubernetes.Interface, node, driver string, setter LimitSetter) *
 		informers.WithTransform(stripObject))
 	w.pvs = w.factory.Core().V1().PersistentVolumes().Informer()
 	pvcInf := w.factory.Core().V1().PersistentVolumeClaims()
-	vacInf := w.factory.Storage().V1().VolumeAttributesClasses()
-	w.pvcs, w.classes = pvcInf.Lister(), vacInf.Lister()
+	w.pvcs = pvcInf.Lister()
 	utilruntime.Must(w.pvs.AddIndexers(cache.Indexers{
 		byHandle: func(obj any) ([]string, error) {
 			pv, ok := obj.(*corev1.PersistentVolume)
@@ -148,14 +148,7 @@ func New(client kubernetes.Interface, node, driver string, setter LimitSetter) *
 	}
 	_, _ = pvcInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: onPVC, UpdateFunc: func(_, obj any) { onPVC(obj) }, DeleteFunc: onPVC})
-	onVAC := func(obj any) {
-		if key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj); err == nil {
-			w.enqueueIndexed(byClass, key)
-		}
-	}
-	_, _ = vacInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc: onVAC, UpdateFunc: func(_, obj any) { onVAC(obj) }, DeleteFunc: onVAC})
-	w.synced = []cache.InformerSynced{w.pvs.HasSynced, pvcInf.Informer().HasSynced, vacInf.Informer().HasSynced}
+	w.synced = []cache.InformerSynced{w.pvs.HasSynced, pvcInf.Informer().HasSynced}
 
 	w.broadcaster = record.NewBroadcaster()
 	w.recorder = w.broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: driver + "-node", Host: node})
@@ -242,6 +235,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 	w.broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: w.client.CoreV1().Events("")})
 	defer w.broadcaster.Shutdown()
 	defer w.queue.ShutDown()
+	if err := w.watchClasses(); err != nil {
+		return err
+	}
 	w.factory.Start(ctx.Done())
 	defer w.factory.Shutdown()
 	if !cache.WaitForCacheSync(ctx.Done(), w.synced...) {
@@ -253,6 +249,38 @@ func (w *Watcher) Run(ctx context.Context) error {
 		}
 	}()
 	<-ctx.Done()
+	return nil
+}
+
+// watchClasses adds the VolumeAttributesClass informer if the API server
+// serves storage.k8s.io/v1 VolumeAttributesClasses (Kubernetes 1.34 and
+// later); on older clusters the annotations still work.
+func (w *Watcher) watchClasses() error {
+	rl, err := w.client.Discovery().ServerResourcesForGroupVersion(storagev1.SchemeGroupVersion.String())
+	if err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("kube: discovering %s: %w", storagev1.SchemeGroupVersion, err)
+	}
+	served := false
+	if rl != nil {
+		for _, r := range rl.APIResources {
+			served = served || r.Name == "volumeattributesclasses"
+		}
+	}
+	if !served {
+		klog.InfoS("VolumeAttributesClasses are not served; rate limits come from the volume spec and PVC annotations only",
+			"groupVersion", storagev1.SchemeGroupVersion.String())
+		return nil
+	}
+	vacInf := w.factory.Storage().V1().VolumeAttributesClasses()
+	w.classes = vacInf.Lister()
+	onVAC := func(obj any) {
+		if key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj); err == nil {
+			w.enqueueIndexed(byClass, key)
+		}
+	}
+	_, _ = vacInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: onVAC, UpdateFunc: func(_, obj any) { onVAC(obj) }, DeleteFunc: onVAC})
+	w.synced = append(w.synced, vacInf.Informer().HasSynced)
 	return nil
 }
 
@@ -341,6 +369,9 @@ func (w *Watcher) effective(pv *corev1.PersistentVolume, pvc *corev1.PersistentV
 	layers := []limits.Layer{spec}
 	if pv != nil && pv.Spec.VolumeAttributesClassName != nil && *pv.Spec.VolumeAttributesClassName != "" {
 		name := *pv.Spec.VolumeAttributesClassName
+		if w.classes == nil {
+			return l, fmt.Sprintf("the PV names VolumeAttributesClass %q, but the API server serves none", name), nil
+		}
 		vac, err := w.classes.Get(name)
 		switch {
 		case apierrors.IsNotFound(err):

@@ -149,8 +149,6 @@ func TestWatcherAppliesClassAndAnnotations(t *testing.T) {
 	// The StorageClass gave the volume a read limit of 50Mi/s and a burst
 	// of 1s: the spec's own layer.
 	volumeID := backends.Spec{Options: map[string]string{"rate-burst": "1s", "rate-read": "50Mi", "size": "1Gi"}, URL: "memory:" + pvName}.String()
-	_, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})
-	must(err)
 	for _, vac := range []*storagev1.VolumeAttributesClass{
 		{ObjectMeta: metav1.ObjectMeta{Name: "fast"}, DriverName: driver,
 			Parameters: map[string]string{"readBytesPerSecond": "100Mi", "writeIOPS": "500"}},
@@ -162,31 +160,9 @@ func TestWatcherAppliesClassAndAnnotations(t *testing.T) {
 		_, err := cs.StorageV1().VolumeAttributesClasses().Create(ctx, vac, metav1.CreateOptions{})
 		must(err)
 	}
-	pvc, err := cs.CoreV1().PersistentVolumeClaims(ns).Create(ctx, &corev1.PersistentVolumeClaim{
-		ObjectMeta: metav1.ObjectMeta{Name: claim},
-		Spec: corev1.PersistentVolumeClaimSpec{
-			AccessModes:      []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
-			StorageClassName: new(string),
-			VolumeName:       pvName,
-			Resources:        corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}},
-		},
-	}, metav1.CreateOptions{})
-	must(err)
-	_, err = cs.CoreV1().PersistentVolumes().Create(ctx, &corev1.PersistentVolume{
-		ObjectMeta: metav1.ObjectMeta{Name: pvName},
-		Spec: corev1.PersistentVolumeSpec{
-			Capacity:    corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")},
-			AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
-			ClaimRef:    &corev1.ObjectReference{Kind: "PersistentVolumeClaim", APIVersion: "v1", Namespace: ns, Name: claim, UID: pvc.UID},
-			PersistentVolumeSource: corev1.PersistentVolumeSource{CSI: &corev1.CSIPersistentVolumeSource{
-				Driver: driver, VolumeHandle: volumeID,
-				VolumeAttributes: map[string]string{"pvcName": claim, "pvcNamespace": ns, "pvName": pvName},
-			}},
-		},
-	}, metav1.CreateOptions{})
-	must(err)
+	createVolume(t, cs, ns, claim, pvName, volumeID)
 	// Another driver's PV with the same handle must not matter.
-	_, err = cs.CoreV1().PersistentVolumes().Create(ctx, &corev1.PersistentVolume{
+	_, err := cs.CoreV1().PersistentVolumes().Create(ctx, &corev1.PersistentVolume{
 		ObjectMeta: metav1.ObjectMeta{Name: "aaa-foreign"},
 		Spec: corev1.PersistentVolumeSpec{
 			Capacity:                  corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")},
@@ -285,4 +261,75 @@ func TestWatcherAppliesClassAndAnnotations(t *testing.T) {
 	}
 }
 
+// createVolume makes a namespace, a claim and its bound PV of our driver.
+func createVolume(t *testing.T, cs kubernetes.Interface, ns, claim, pvName, volumeID string) {
+	t.Helper()
+	ctx := context.Background()
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})
+	must(err)
+	pvc, err := cs.CoreV1().PersistentVolumeClaims(ns).Create(ctx, &corev1.PersistentVolumeClaim{
+		ObjectMeta: metav1.ObjectMeta{Name: claim},
+		Spec: corev1.PersistentVolumeClaimSpec{
+			AccessModes:      []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			StorageClassName: new(string),
+			VolumeName:       pvName,
+			Resources:        corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}},
+		},
+	}, metav1.CreateOptions{})
+	must(err)
+	_, err = cs.CoreV1().PersistentVolumes().Create(ctx, &corev1.PersistentVolume{
+		ObjectMeta: metav1.ObjectMeta{Name: pvName},
+		Spec: corev1.PersistentVolumeSpec{
+			Capacity:    corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")},
+			AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			ClaimRef:    &corev1.ObjectReference{Kind: "PersistentVolumeClaim", APIVersion: "v1", Namespace: ns, Name: claim, UID: pvc.UID},
+			PersistentVolumeSource: corev1.PersistentVolumeSource{CSI: &corev1.CSIPersistentVolumeSource{
+				Driver: driver, VolumeHandle: volumeID,
+				VolumeAttributes: map[string]string{"pvcName": claim, "pvcNamespace": ns, "pvName": pvName},
+			}},
+		},
+	}, metav1.CreateOptions{})
+	must(err)
+}
+
 func ptr[T any](v T) *T { return &v }
+
+// TestWatcherWithoutClasses: on an API server without
+// VolumeAttributesClasses the annotations still apply.
+func TestWatcherWithoutClasses(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts etcd and kube-apiserver")
+	}
+	srv := kubetest.Start(t, "--runtime-config=storage.k8s.io/v1/volumeattributesclasses=false")
+	cs := srv.Client(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	volumeID := "size=1Gi;memory:pvc-1"
+	createVolume(t, cs, "apps", "data", "pvc-1", volumeID)
+
+	rec := &recorder{notify: make(chan struct{}, 1)}
+	w := kube.New(cs, "node-1", driver, rec)
+	w.Track(volumeID, nil)
+	runErr := make(chan error, 1)
+	go func() { runErr <- w.Run(ctx) }()
+	_, err := cs.CoreV1().PersistentVolumeClaims("apps").Patch(ctx, "data", types.MergePatchType,
+		[]byte(`{"metadata":{"annotations":{"csi-nbd.io/read-iops":"250","csi-nbd.io/burst":"50ms"}}}`), metav1.PatchOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	calls := rec.waitCalls(t, 1)
+	if want := (limits.Limits{ReadIOPS: 250, Burst: 50 * time.Millisecond}); calls[0].id != volumeID || calls[0].l != want {
+		t.Errorf("SetLimits(%q, %+v); want %+v", calls[0].id, calls[0].l, want)
+	}
+	waitEvent(t, cs, "apps", "data", kube.ReasonApplied, "read IOPS 250/s")
+	cancel()
+	if err := <-runErr; err != nil {
+		t.Fatal(err)
+	}
+}
