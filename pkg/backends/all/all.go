@@ -4,8 +4,8 @@
 package all
 
 import (
-	_ "github.com/csi-nbd/csi-nbd/pkg/backends/data"      // data: URIs
-	_ "github.com/csi-nbd/csi-nbd/pkg/backends/memory"    // sparse RAM disks
-	_ "github.com/csi-nbd/csi-nbd/pkg/backends/rate"      // rate filter: per-volume QoS
-	_ "github.com/csi-nbd/csi-nbd/pkg/backends/readahead" // readahead filter
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/data"   // data: URIs
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/memory" // sparse RAM disks
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/rate"
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/readahead"
 )
