@@ -38,9 +38,12 @@ var errClosed = errors.New("rate: device closed")
 // counted in bytes and one in operations, and admits requests strictly in
 // arrival order. Only the request at the head of the queue waits for
 // tokens; the others wait for their turn. A request larger than a chunk
-// (half the byte bucket) is admitted one chunk at a time and goes back to
-// the tail between chunks, so a 32 MiB write cannot hold back the small
-// requests behind it for seconds: they interleave with its chunks.
+// (half the byte bucket) is admitted one chunk at a time, and between its
+// chunks the first queued request that fits in one chunk (a small read,
+// a trim) goes ahead of it: a 32 MiB write cannot hold back the 4 KiB
+// requests behind it for seconds, and large requests still finish in
+// arrival order (round-robin among them would make each one as slow as
+// all of them together).
 //
 // The buckets never go into debt (no reservations): the head takes tokens
 // only when they are there. That is what lets a limit change apply at
@@ -193,10 +196,13 @@ func (l *lane) wait(ctx context.Context, op bool, n int64) (time.Duration, error
 				l.mu.Unlock()
 				return l.since(start), nil
 			}
-			if len(l.queue) > 1 {
-				// Back to the tail: the next request gets its turn.
-				l.queue = append(l.queue[1:], w)
-				signal(l.queue[0].wake)
+			if i := l.nextSmall(); i > 0 {
+				// Let the first request that needs no more than a
+				// chunk go before w's next chunk.
+				small := l.queue[i]
+				copy(l.queue[1:i+1], l.queue[:i])
+				l.queue[0] = small
+				signal(small.wake)
 			}
 			continue
 		}
@@ -227,6 +233,17 @@ func (l *lane) since(start time.Time) time.Duration {
 		return 0
 	}
 	return l.clk.Now().Sub(start)
+}
+
+// nextSmall returns the index of the first queued request after the head
+// that a single chunk admits, or -1; l.mu is held.
+func (l *lane) nextSmall() int {
+	for i := 1; i < len(l.queue); i++ {
+		if l.bytes == nil || l.queue[i].bytes <= l.chunk {
+			return i
+		}
+	}
+	return -1
 }
 
 // remove takes w out of the queue and, if it was the head, hands the turn

@@ -243,11 +243,25 @@ func TestLaneLargeRequestInterleavesWithSmall(t *testing.T) {
 	h.submit(ctx, "small1", false, 100)
 	h.submit(ctx, "small2", false, 100)
 	h.run()
-	// big's first chunk at 0.5 s, then it goes to the back: small1 at
-	// 0.6 s, small2 at 0.7 s, big's second chunk at 1.2 s.
-	h.check([]string{"drain", "small1", "small2", "big"}, map[string]time.Duration{
-		"drain": 0, "small1": 600 * time.Millisecond, "small2": 700 * time.Millisecond,
-		"big": 1200 * time.Millisecond,
+	// big's first chunk at 0.5 s; small1 goes before its second (0.6 s);
+	// big's second chunk at 1.1 s, small2 at 1.2 s.
+	h.check([]string{"drain", "small1", "big", "small2"}, map[string]time.Duration{
+		"drain": 0, "small1": 600 * time.Millisecond, "big": 1100 * time.Millisecond,
+		"small2": 1200 * time.Millisecond,
+	})
+}
+
+func TestLaneLargeRequestsStayInOrder(t *testing.T) {
+	h := newHarness(t, 1000, 0, time.Second)
+	ctx := context.Background()
+	h.submit(ctx, "drain", false, 1000)
+	h.submit(ctx, "big1", false, 2000)
+	h.submit(ctx, "big2", false, 2000)
+	h.submit(ctx, "big3", false, 1500)
+	h.run()
+	// Each finishes after its own bytes, not after everyone's.
+	h.check([]string{"drain", "big1", "big2", "big3"}, map[string]time.Duration{
+		"big1": 2 * time.Second, "big2": 4 * time.Second, "big3": 5500 * time.Millisecond,
 	})
 }
 
