@@ -89,15 +89,15 @@ type harness struct {
 	l     *lane
 	start time.Time
 
-	mu      sync.Mutex
-	started int
+	mu       sync.Mutex
+	started  int
 	order    []string // as the waits returned (a cancelled one too)
 	admitMu  sync.Mutex
-	admitted []string // as the lane admitted them
-	log      []string // admissions and clock moves, for failures
-	at      map[string]time.Duration // admission times; admitMu
-	errs    map[string]error
-	wg      sync.WaitGroup
+	admitted []string                 // as the lane admitted them
+	log      []string                 // admissions and clock moves, for failures
+	at       map[string]time.Duration // admission times; admitMu
+	errs     map[string]error
+	wg       sync.WaitGroup
 }
 
 func newHarness(t *testing.T, bytesPerSec, opsPerSec int64, burst time.Duration) *harness {
@@ -331,7 +331,7 @@ func TestLaneLoweredLimitSlowsTheHead(t *testing.T) {
 	ctx := context.Background()
 	h.submit(ctx, "drain", false, 100)
 	h.submit(ctx, "r", false, 50) // due at 0.5 s
-	h.set(10, 0, time.Second) // now 50 tokens take 5 s (chunk is 5)
+	h.set(10, 0, time.Second)     // now 50 tokens take 5 s (chunk is 5)
 	h.run()
 	// Ten chunks of 5 bytes at 10 B/s.
 	h.check([]string{"drain", "r"}, map[string]time.Duration{"r": 5 * time.Second})
