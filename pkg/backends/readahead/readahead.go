@@ -15,9 +15,11 @@
 // readahead-max. Random reads never continue a stream, so they cause no
 // readahead.
 //
-// Where the data goes: if the device below reports Caps.Cache (the cache
-// filter), readahead is a Cache call on it, and reads go down as usual to
-// find the data there. Otherwise the filter reads ahead into its own
+// Where the data goes: if the spec stacks the cache filter below and it
+// reports Caps.Cache, readahead is a Cache call on it, and reads go down as
+// usual to find the data there. Otherwise (including over a backend that
+// reports Caps.Cache itself, such as nbd:, whose Cache only warms the
+// remote server) the filter reads ahead into its own
 // window buffers (at most four times readahead-max per volume) and answers
 // reads from them; a buffer is dropped once read through, or when a write,
 // trim or zero overlaps it. A read issued after a write has returned never
@@ -50,6 +52,8 @@ const (
 	LowestMax  = 4 << 10
 	HighestMax = 256 << 20
 
+	order = 20 // in the filter stack: above cache (10), below cow (30)
+
 	maxStreams = 8
 	// maxPrefetches bounds the readaheads in flight per volume; a stream
 	// that would exceed it waits for its next read to try again.
@@ -61,7 +65,7 @@ const (
 func init() {
 	backends.RegisterFilter(backends.Filter{
 		Name:  "readahead",
-		Order: 20,
+		Order: order,
 		Options: []backends.Option{
 			{Key: KeyEnable, Kind: backends.OptBool,
 				Doc: "true turns on readahead of sequential reads."},
@@ -79,9 +83,36 @@ func init() {
 			if err != nil {
 				return nil, err
 			}
+			if cacheBelow(s) && inner.Caps().Cache {
+				return NewOverCache(inner, max), nil
+			}
 			return New(inner, max), nil
 		},
 	})
+}
+
+// cacheBelow reports whether spec s stacks a filter under readahead. The
+// order is fixed, so that is the cache filter. Caps.Cache alone does not
+// tell: a remote backend (nbd:) forwards Cache to its server, which keeps
+// nothing for us, so readahead into it would gain nothing.
+func cacheBelow(s backends.Spec) bool {
+	for _, f := range backends.Filters() {
+		if f.Order >= order {
+			continue
+		}
+		if f.Enabled != nil {
+			if f.Enabled(s) {
+				return true
+			}
+			continue
+		}
+		for _, o := range f.Options {
+			if _, ok := s.Options[o.Key]; ok {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func hasMax(s backends.Spec) bool {
@@ -116,7 +147,7 @@ type Stats struct {
 // Device is the readahead filter over an inner device.
 type Device struct {
 	inner    backends.Device
-	useCache bool // inner.Caps().Cache: read ahead with Cache calls
+	useCache bool // read ahead with Cache calls into the cache below
 	max      uint64
 	budget   uint64
 
@@ -162,11 +193,19 @@ var (
 	_ backends.Resizer = (*Device)(nil)
 )
 
-// New wraps inner with readahead windows of up to max bytes.
-func New(inner backends.Device, max uint64) *Device {
+// New wraps inner with readahead into the filter's own window buffers of
+// up to max bytes each.
+func New(inner backends.Device, max uint64) *Device { return newDevice(inner, max, false) }
+
+// NewOverCache wraps inner, a caching device (the cache filter), with
+// readahead that asks inner to cache the data ahead (Device.Cache) and
+// lets reads find it there.
+func NewOverCache(inner backends.Device, max uint64) *Device { return newDevice(inner, max, true) }
+
+func newDevice(inner backends.Device, max uint64, useCache bool) *Device {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Device{
-		inner: inner, useCache: inner.Caps().Cache,
+		inner: inner, useCache: useCache,
 		max: max, budget: budgetWindows * max,
 		ctx: ctx, cancel: cancel, sem: make(chan struct{}, maxPrefetches),
 	}

@@ -140,7 +140,7 @@ func TestRandomReadsDoNotReadAhead(t *testing.T) {
 func TestStreamStopsOnRandomAccess(t *testing.T) {
 	const size = 1 << 30
 	inner := newCounting(size, true)
-	d := New(inner, DefaultMax)
+	d := NewOverCache(inner, DefaultMax)
 	defer d.Close()
 	ctx := context.Background()
 	buf := make([]byte, 64<<10)
@@ -167,7 +167,7 @@ func TestReadaheadGoesToTheCacheBelow(t *testing.T) {
 	const maxWin = 1 << 20
 	inner := newCounting(size, true)
 	want := fill(t, inner, size)
-	d := New(inner, maxWin)
+	d := NewOverCache(inner, maxWin)
 	defer d.Close()
 	readSeq(t, d, want, bs)
 	d.wg.Wait()
@@ -349,4 +349,66 @@ func TestCloseStopsReadahead(t *testing.T) {
 	if inner.reads.Load() != n {
 		t.Error("readahead still running after Close")
 	}
+}
+
+// A stand-in for the cache filter, registered for this test binary only:
+// it claims Caps.Cache and records Cache calls.
+var lastFakeCache *counting
+
+func init() {
+	backends.RegisterFilter(backends.Filter{
+		Name: "tst-cache", Order: 10,
+		Options: []backends.Option{{Key: "tst-cache", Kind: backends.OptBool}},
+		Wrap: func(_ context.Context, _ backends.Spec, _ backends.Env, inner backends.Device) (backends.Device, error) {
+			inner.Close()
+			lastFakeCache = newCounting(inner.Size(), true)
+			return lastFakeCache, nil
+		},
+	})
+}
+
+// Readahead goes into a cache filter below, but not into a backend that
+// merely reports Caps.Cache (an nbd: origin forwards Cache to its server,
+// which keeps nothing for us).
+func TestWrapChoosesCacheOnlyWithACacheFilter(t *testing.T) {
+	dev, err := open("tst-cache=true,readahead=true;memory:")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	if d := dev.(*Device); !d.useCache {
+		t.Error("readahead over the cache filter uses its own window")
+	}
+	ctx := context.Background()
+	buf := make([]byte, 64<<10)
+	for off := uint64(0); off < 1<<20; off += uint64(len(buf)) {
+		if err := dev.ReadAt(ctx, buf, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dev.(*Device).wg.Wait()
+	if len(lastFakeCache.cacheCalls()) == 0 {
+		t.Error("no Cache calls reached the cache filter")
+	}
+
+	caching := newCounting(1<<20, true)
+	s, _ := backends.Parse("readahead=true;memory:")
+	f := filterNamed(t, "readahead")
+	w, err := f.Wrap(ctx, s, backends.Env{}, caching)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.(*Device).useCache {
+		t.Error("readahead over a backend reporting Caps.Cache uses Cache calls")
+	}
+}
+
+func filterNamed(t *testing.T, name string) backends.Filter {
+	for _, f := range backends.Filters() {
+		if f.Name == name {
+			return f
+		}
+	}
+	t.Fatalf("no filter %q", name)
+	return backends.Filter{}
 }
