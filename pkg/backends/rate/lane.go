@@ -52,13 +52,16 @@ var errClosed = errors.New("rate: device closed")
 type lane struct {
 	clk clock
 
-	mu      sync.Mutex
-	bytes   *xrate.Limiter // nil: bytes unlimited
-	ops     *xrate.Limiter // nil: operations unlimited
-	chunk   int64          // most bytes admitted at once (≤ bytes' burst)
-	queue   []*waiter      // queue[0] is the head
-	changed chan struct{}  // closed (and replaced) when the limits change
-	closed  bool
+	mu    sync.Mutex
+	bytes *xrate.Limiter // nil: bytes unlimited
+	ops   *xrate.Limiter // nil: operations unlimited
+	chunk int64          // most bytes admitted at once (half the burst)
+
+	bytesPerSec, opsPerSec int64
+	burst                  time.Duration
+	queue                  []*waiter     // queue[0] is the head
+	changed                chan struct{} // closed (and replaced) when the limits change
+	closed                 bool
 
 	// onAdmit, if set (by tests), is called as each request is admitted,
 	// with l.mu held: it sees the true admission order.
@@ -90,9 +93,13 @@ func (l *lane) set(bytesPerSec, opsPerSec int64, burst time.Duration) {
 	now := l.clk.Now()
 	l.bytes = retune(l.bytes, now, bytesPerSec, burst)
 	l.ops = retune(l.ops, now, opsPerSec, burst)
+	l.bytesPerSec, l.opsPerSec, l.burst = bytesPerSec, opsPerSec, burst
 	l.chunk = 0
 	if l.bytes != nil {
 		l.chunk = max(1, int64(l.bytes.Burst())/2)
+	}
+	if len(l.queue) > 0 {
+		l.widen(now, true)
 	}
 	close(l.changed)
 	l.changed = make(chan struct{})
@@ -117,6 +124,35 @@ func retune(lim *xrate.Limiter, now time.Time, perSec int64, burst time.Duration
 	lim.SetLimitAt(now, xrate.Limit(perSec))
 	lim.SetBurstAt(now, b)
 	return lim
+}
+
+// catchUp is how much traffic, as time at the limit, the buckets may
+// save up while requests are waiting. Normally the head takes tokens the
+// moment they are there, so this changes nothing; but when the process
+// stalls (CPU starvation, a GC pause, a slow reply path) longer than the
+// burst while requests wait, a bucket capped at the burst would throw the
+// tokens of the stall away, and the volume would fall short of its limit
+// for good. Saved tokens are let through when it runs again. A bucket
+// goes back to the burst as soon as no request waits, so after idle at
+// most rate-burst's worth passes at once.
+const catchUp = time.Second
+
+// widen sets the buckets' size for a queue with waiters (on) or without;
+// l.mu is held.
+func (l *lane) widen(now time.Time, on bool) {
+	size := func(perSec int64) int {
+		b := bucketSize(perSec, l.burst)
+		if on {
+			b = max(b, bucketSize(perSec, catchUp))
+		}
+		return b
+	}
+	if l.bytes != nil {
+		l.bytes.SetBurstAt(now, size(l.bytesPerSec))
+	}
+	if l.ops != nil {
+		l.ops.SetBurstAt(now, size(l.opsPerSec))
+	}
 }
 
 // updateActive recomputes active; l.mu is held.
@@ -161,6 +197,9 @@ func (l *lane) wait(ctx context.Context, op bool, n int64) (time.Duration, error
 	}
 	w := &waiter{bytes: n, op: op, wake: make(chan struct{}, 1)}
 	l.queue = append(l.queue, w)
+	if len(l.queue) == 1 {
+		l.widen(l.clk.Now(), true)
+	}
 	l.updateActive()
 	var start time.Time
 	for {
@@ -256,6 +295,9 @@ func (l *lane) remove(w *waiter) {
 	l.queue = slices.Delete(l.queue, i, i+1)
 	if i == 0 && len(l.queue) > 0 {
 		signal(l.queue[0].wake)
+	}
+	if len(l.queue) == 0 {
+		l.widen(l.clk.Now(), false)
 	}
 	l.updateActive()
 }

@@ -274,14 +274,37 @@ func TestLaneOpsAndBytesTogether(t *testing.T) {
 	h.submit(ctx, "c", true, 200) // op at 200 ms; bytes: 80 left at 100 ms...
 	h.submit(ctx, "trim", true, 0)
 	h.run()
-	// a: t=0 (ops 0, bytes 90). b: op at 100 ms (bytes 100 capped, then
-	// 90). c: op and a 50-byte chunk at 200 ms (bytes 50), back to the
-	// tail; trim: op at 300 ms (bytes refilled to 100); c alone: 50 and
-	// 50 at once, the last 50 at 350 ms.
+	// a: t=0 (ops 0, bytes 90). While requests wait the byte bucket may
+	// save up to 1 s (1000 bytes). b: op at 100 ms (bytes 190, then
+	// 180). c: op and a 50-byte chunk at 200 ms (bytes 230), then trim,
+	// which fits in a chunk, goes first: op at 300 ms; c takes its last
+	// 150 bytes from the 330 saved at once.
 	h.check([]string{"a", "b", "trim", "c"}, map[string]time.Duration{
 		"a": 0, "b": 100 * time.Millisecond, "trim": 300 * time.Millisecond,
-		"c": 350 * time.Millisecond,
+		"c": 300 * time.Millisecond,
 	})
+}
+
+// A stall (here: the clock jumps while the head sleeps) costs no tokens
+// while requests wait, but idle time saves no more than the burst.
+func TestLaneStallKeepsTokensIdleDoesNot(t *testing.T) {
+	h := newHarness(t, 1000, 0, 100*time.Millisecond) // bucket 100, chunk 50
+	ctx := context.Background()
+	h.submit(ctx, "drain", false, 100)
+	h.submit(ctx, "r1", false, 50) // due at 50 ms
+	h.submit(ctx, "r2", false, 400)
+	h.eventually("the head to sleep", func() bool { return len(h.clk.pending()) == 1 })
+	// The process "stalls" for 500 ms past r1's deadline: 500 tokens
+	// accrue although the burst is 100, and both go at once.
+	h.clk.advanceTo(h.start.Add(500 * time.Millisecond))
+	h.run()
+	h.check([]string{"drain", "r1", "r2"}, map[string]time.Duration{
+		"r1": 500 * time.Millisecond, "r2": 500 * time.Millisecond,
+	})
+	// Idle: the bucket is back to 100 tokens however long nothing waits.
+	if got := h.l.bytes.TokensAt(h.start.Add(time.Hour)); got != 100 {
+		t.Errorf("%v tokens after idle, want the burst, 100", got)
+	}
 }
 
 func TestLaneUnlimitedOpsLeaveZeroByteRequestsFree(t *testing.T) {
