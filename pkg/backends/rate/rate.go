@@ -38,6 +38,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"k8s.io/klog/v2"
+
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
 
@@ -288,7 +290,11 @@ func (d *Device) SetLimits(l Limits) error {
 	defer d.mu.Unlock()
 	d.read.set(l.ReadBytesPerSec, l.ReadIOPS, l.Burst)
 	d.write.set(l.WriteBytesPerSec, l.WriteIOPS, l.Burst)
-	d.limits.Store(&l)
+	if old := d.limits.Swap(&l); old != nil && *old != l {
+		klog.V(2).InfoS("Rate limits changed", "readBytesPerSec", l.ReadBytesPerSec,
+			"writeBytesPerSec", l.WriteBytesPerSec, "readIOPS", l.ReadIOPS, "writeIOPS", l.WriteIOPS,
+			"burst", l.Burst)
+	}
 	return nil
 }
 
