@@ -5,6 +5,8 @@ package all
 
 import (
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/data"   // data: URIs
-	_ "github.com/csi-nbd/csi-nbd/pkg/backends/file"   // local files and block devices
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/memory" // sparse RAM disks
+
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/file"      // file:///path: local files and block devices
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/nbdremote" // nbd://, nbds://, nbd+unix://: other NBD servers
 )
