@@ -192,7 +192,7 @@ func (d *Device) do(ctx context.Context, what string, op func(context.Context, *
 			if last == nil || !errors.Is(err, context.DeadlineExceeded) {
 				last = err
 			}
-			return fmt.Errorf("nbd: %s on %s: no answer within %v (%d attempts; last error: %v): %w",
+			return fmt.Errorf("nbd: %s on %s: no answer within %v (attempts: %d, last error: %v): %w",
 				what, d.uri, d.timeout, tries, last, syscall.EIO)
 		case !retriable(err):
 			return err
@@ -349,16 +349,36 @@ func (d *Device) Cache(ctx context.Context, off, length uint64) error {
 	})
 }
 
-// Close flushes (bounded by the timeout) and closes every connection.
+// closeFlushWait bounds the flush Close makes, whatever the timeout.
+const closeFlushWait = 30 * time.Second
+
+// Close flushes and closes every connection. The flush is skipped when no
+// connection is up (a server that is gone cannot be made to persist
+// anything), and bounded by the timeout and closeFlushWait.
 func (d *Device) Close() error {
 	if d.closed.Load() {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), d.timeout)
-	err := d.Flush(ctx)
-	cancel()
+	var err error
+	if d.connected() {
+		ctx, cancel := context.WithTimeout(context.Background(), min(d.timeout, closeFlushWait))
+		err = d.Flush(ctx)
+		cancel()
+	}
 	d.closeAll()
 	return err
+}
+
+func (d *Device) connected() bool {
+	for _, s := range d.slots {
+		s.mu.Lock()
+		up := s.c != nil
+		s.mu.Unlock()
+		if up {
+			return true
+		}
+	}
+	return false
 }
 
 func (d *Device) closeAll() {

@@ -389,10 +389,65 @@ func TestUnreachable(t *testing.T) {
 		!strings.Contains(err.Error(), "connection refused") {
 		t.Errorf("read from a dead server: %v", err)
 	}
+
+	// With a long timeout, only cancelling stops a request that is
+	// waiting for the server to come back.
+	k2 := startNbdkit(t, testserver.FreePort(t), "memory", "1M")
+	long := openSpec(t, "timeout=1h;"+k2.uri(), backends.Env{})
+	k2.kill()
 	cctx, cancel := context.WithCancel(ctx)
+	done := make(chan error)
+	go func() { done <- long.ReadAt(cctx, make([]byte, 512), 0) }()
+	sleep(ctx, 3e8)
 	cancel()
-	if err := d.ReadAt(cctx, make([]byte, 512), 0); !errors.Is(err, context.Canceled) {
+	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Errorf("cancelled read: %v", err)
+	}
+}
+
+// TestStalledServer: a server that stops answering (SIGSTOP) makes a
+// request fail with EIO at the timeout and its connection be dropped; once
+// the server runs again, the next request goes over a fresh connection.
+func TestStalledServer(t *testing.T) {
+	k := startNbdkit(t, testserver.FreePort(t), "memory", "1M")
+	d := openSpec(t, "timeout=1s;"+k.uri(), backends.Env{})
+	if err := d.WriteAt(ctx, []byte("before"), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	old := d.slots[0].c
+	k.cmd.Process.Signal(syscall.SIGSTOP)
+	err := d.ReadAt(ctx, make([]byte, 6), 0)
+	k.cmd.Process.Signal(syscall.SIGCONT)
+	if !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "no answer within 1s") {
+		t.Fatalf("read from a stopped server: %v", err)
+	}
+	got := make([]byte, 6)
+	if err := d.ReadAt(ctx, got, 0); err != nil || string(got) != "before" {
+		t.Fatalf("read after SIGCONT: %q, %v", got, err)
+	}
+	if d.slots[0].c == old {
+		t.Fatal("the stalled connection was kept")
+	}
+}
+
+// TestProxy serves an nbdkit export through our server with this backend
+// (csi-nbd as an NBD proxy) and checks it with libnbd's and qemu's
+// clients: the map shows nbdkit's holes, copies compare equal.
+func TestProxy(t *testing.T) {
+	k := startNbdkit(t, testserver.FreePort(t), "memory", "8M")
+	d := openSpec(t, "connections=2;"+k.uri(), backends.Env{})
+	proxy, _ := serveOwn(t, d)
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src")
+	data := randBytes(8 << 20)
+	clear(data[2<<20 : 6<<20])
+	os.WriteFile(src, data, 0o600)
+	run(t, "nbdcopy", "--connections=2", src, proxy)
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, k.uri())
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, proxy)
+	m := strings.Join(strings.Fields(run(t, "nbdinfo", "--map", proxy)), " ")
+	if !strings.Contains(m, "2097152 4194304 3 hole,zero") {
+		t.Fatalf("nbdinfo --map through the proxy: %s", m)
 	}
 }
 
