@@ -37,7 +37,7 @@ serve_kit "$tmp/kit.sock" file "$img"
 serve_kit "$tmp/mem.sock" memory 512M
 nbdcopy "$tmp/src" "$(uri "$tmp/mem.sock")"
 serve_csi "$tmp/proxy.sock" "connections=4;nbd+unix:///?socket=$tmp/mem.sock"
-serve_kit "$tmp/kitproxy.sock" nbd socket="$tmp/mem.sock" connections=4
+serve_kit "$tmp/kitproxy.sock" nbd socket="$tmp/mem.sock" # one upstream connection per client connection
 
 row() { # name, command template with @ for the URI, uri A, uri B
   local name=$1 cmd=$2 a=$3 b=$4 ta=() tb=()

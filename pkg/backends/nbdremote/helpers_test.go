@@ -20,7 +20,7 @@ var ctx = context.Background()
 
 // nbdkit is an nbdkit process serving on 127.0.0.1:port.
 type nbdkit struct {
-	t      *testing.T
+	t      testing.TB
 	port   int
 	args   []string
 	cmd    *exec.Cmd
@@ -29,7 +29,7 @@ type nbdkit struct {
 
 // startNbdkit runs `nbdkit -f -i 127.0.0.1 -p PORT ARGS` and waits until
 // it listens (it writes its pid file only then).
-func startNbdkit(t *testing.T, port int, args ...string) *nbdkit {
+func startNbdkit(t testing.TB, port int, args ...string) *nbdkit {
 	t.Helper()
 	testserver.RequireTool(t, "nbdkit")
 	k := &nbdkit{t: t, port: port, args: args}
