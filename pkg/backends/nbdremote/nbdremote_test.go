@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -416,6 +417,7 @@ func TestStalledServer(t *testing.T) {
 	}
 	old := d.slots[0].c
 	k.cmd.Process.Signal(syscall.SIGSTOP)
+	waitStopped(t, k.cmd.Process.Pid)
 	err := d.ReadAt(ctx, make([]byte, 6), 0)
 	k.cmd.Process.Signal(syscall.SIGCONT)
 	if !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "no answer within 1s") {
@@ -427,6 +429,30 @@ func TestStalledServer(t *testing.T) {
 	}
 	if d.slots[0].c == old {
 		t.Fatal("the stalled connection was kept")
+	}
+}
+
+// waitStopped waits until every thread of pid is stopped: SIGSTOP reaches
+// a thread running on another CPU only a moment later.
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	for {
+		tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+		if err != nil || len(tasks) == 0 {
+			t.Fatalf("no threads of %d: %v", pid, err)
+		}
+		stopped := true
+		for _, task := range tasks {
+			b, err := os.ReadFile(task)
+			// The state follows the ")" closing the command name.
+			if i := bytes.LastIndexByte(b, ')'); err == nil && i >= 0 && i+2 < len(b) && b[i+2] != 'T' && b[i+2] != 't' {
+				stopped = false
+			}
+		}
+		if stopped {
+			return
+		}
+		sleep(ctx, 5e6)
 	}
 }
 
