@@ -162,6 +162,13 @@ func retriable(err error) bool {
 // failures until d.timeout has passed since the request began. A
 // request still unanswered at the timeout fails with EIO, and its
 // connection is treated as dead (like the kernel's nbd timeout).
+//
+// Repeating a write is safe when its first copy died with the server or
+// the connection. When a server was merely slow (a timed-out request
+// whose connection we dropped), it may still carry out the old copy
+// later, after newer writes to the same blocks: the kernel's nbd driver,
+// which requeues timed-out requests, has the same hazard, and a timeout
+// well above the server's worst latency avoids it.
 func (d *Device) do(ctx context.Context, what string, op func(context.Context, *nbd.Client) error) error {
 	if d.closed.Load() {
 		return errClosed

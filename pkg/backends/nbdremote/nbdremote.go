@@ -98,9 +98,13 @@ type Options struct {
 }
 
 func parseOptions(s backends.Spec) (Options, error) {
-	_, _, _, useTLS, err := nbd.ParseURI(s.URL)
+	network, addr, _, useTLS, err := nbd.ParseURI(s.URL)
 	if err != nil {
 		return Options{}, err
+	}
+	if network == "unix" && !filepath.IsAbs(addr) {
+		// Relative to whichever directory the server happens to run in.
+		return Options{}, fmt.Errorf("nbd: bad URI %q: socket= must be an absolute path, not %q", s.URL, addr)
 	}
 	o := Options{URI: s.URL, tls: useTLS}
 	n, _ := s.Int("connections")

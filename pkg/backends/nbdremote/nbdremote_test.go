@@ -35,6 +35,7 @@ func TestBadSpecs(t *testing.T) {
 	for _, tc := range []struct{ spec, want string }{
 		{"nbd://127.0.0.1:99999/x", `bad port "99999"`},
 		{"nbd+unix:///x", "missing socket="},
+		{"nbd+unix:///x?socket=run/s", "socket= must be an absolute path"},
 		{"nbd://h/x?socket=/s", "socket= is only valid with nbd+unix"},
 		{"nbd://user@h/x", "user info"},
 		{"nbd:opaque", "expected nbd://"},
