@@ -273,6 +273,15 @@ func TestResizeForwards(t *testing.T) {
 	if d.Size() != 2<<20 || inner.size != 2<<20 {
 		t.Errorf("size %d, inner %d after resize", d.Size(), inner.size)
 	}
+	// Through a whole opened stack: rate over readahead over memory.
+	dev, err := open("rate=true,readahead=true,size=1Mi;memory:")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	if err := backends.Resize(context.Background(), dev, 3<<20); err != nil || dev.Size() != 3<<20 {
+		t.Errorf("stack resize: %v, size %d", err, dev.Size())
+	}
 	plain, _ := New(unwrapping{memory.New(1 << 20)}, Limits{}) // hides memory's Resize
 	if err := backends.Resize(context.Background(), plain, 2<<20); !errors.Is(err, syscall.ENOTSUP) {
 		t.Errorf("resize of a device that cannot grow: %v", err)
