@@ -61,7 +61,7 @@ func Register(b Backend) {
 }
 
 func register(b Backend) error {
-	if b.Scheme == "" || !validKey(b.Scheme) {
+	if !validScheme(b.Scheme) {
 		return fmt.Errorf("invalid scheme %q", b.Scheme)
 	}
 	if b.Open == nil {
@@ -94,6 +94,13 @@ func register(b Backend) error {
 	}
 	registry.backends[b.Scheme] = &b
 	return nil
+}
+
+// validScheme accepts a lower-case RFC 3986 scheme, as schemeOf returns
+// them ("nbd+unix" included).
+func validScheme(s string) bool {
+	scheme, ok := schemeOf(s + ":")
+	return ok && scheme == s
 }
 
 // RegisterFilter adds a filter. Its option keys must not clash with any
