@@ -4,6 +4,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/csi-nbd/csi-nbd/pkg/backends/rate"
 )
 
 func TestParse(t *testing.T) {
@@ -149,9 +151,24 @@ func FuzzParse(f *testing.F) {
 		if l.Burst < 0 || l.Burst > MaxBurst {
 			t.Fatalf("%+v out of bounds", l)
 		}
+		// What the controller accepts, the node's rate filter takes.
+		if err := rate.Limits(l).Check(); err != nil {
+			t.Fatalf("Parse accepted %v, the rate filter refuses it: %v", params, err)
+		}
 		back, err := Parse(Params(l))
 		if err != nil || back != l {
 			t.Fatalf("round trip of %+v through %v: %+v, %v", l, Params(l), back, err)
 		}
 	})
+}
+
+func TestBoundsAreTheRateFilters(t *testing.T) {
+	if MaxBytesPerSec != rate.MaxBytesPerSec || MaxIOPS != rate.MaxIOPS || MaxBurst != rate.MaxBurst {
+		t.Errorf("bounds %d, %d, %v; the rate filter's are %d, %d, %v",
+			MaxBytesPerSec, MaxIOPS, MaxBurst, rate.MaxBytesPerSec, rate.MaxIOPS, rate.MaxBurst)
+	}
+	max := Limits{MaxBytesPerSec, MaxBytesPerSec, MaxIOPS, MaxIOPS, MaxBurst}
+	if l, err := Parse(Params(max)); err != nil || l != max || rate.Limits(l).Check() != nil {
+		t.Errorf("the largest limits: %+v, %v, %v", l, err, rate.Limits(l).Check())
+	}
 }

@@ -9,6 +9,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
+	"github.com/csi-nbd/csi-nbd/pkg/backends/rate"
+	"github.com/csi-nbd/csi-nbd/pkg/limits"
 )
 
 // opMetrics are one operation's series of one volume, looked up once at
@@ -39,9 +41,11 @@ var (
 	_ backends.Resizer = (*device)(nil)
 )
 
-// Wrap measures dev's requests under the volume's labels, in m. Closing
-// the returned device closes dev and, when no other wrapper of the volume
-// is open, drops all of the volume's series.
+// Wrap measures dev's requests under the volume's labels, in m. If dev's
+// stack has the rate filter, its limits at open and its throttled time are
+// exported too (later limit changes go through SetLimits). Closing the
+// returned device closes dev and, when no other wrapper of the volume is
+// open, drops all of the volume's series.
 func (m *Metrics) Wrap(dev backends.Device, labels VolumeLabels) backends.Device {
 	d := &device{inner: dev, m: m, labels: labels,
 		inFlight: m.inFlight.WithLabelValues(labels.values()...),
@@ -54,11 +58,25 @@ func (m *Metrics) Wrap(dev backends.Device, labels VolumeLabels) backends.Device
 		}
 	}
 	d.progress.Store(time.Now().UnixNano())
+	// A stack with the rate filter reports its limits and throttled time
+	// by itself.
+	if r, ok := rate.Find(dev); ok {
+		m.SetLimits(labels, limits.Limits(r.Limits()))
+		m.SetThrottleStats(labels, rateThrottle{r})
+	}
 	m.mu.Lock()
 	m.refs[labels.Volume]++
 	m.devices[d] = struct{}{}
 	m.mu.Unlock()
 	return d
+}
+
+// rateThrottle reads a rate filter's throttled time.
+type rateThrottle struct{ r *rate.Device }
+
+func (t rateThrottle) Throttled() (read, write time.Duration) {
+	s := t.r.Stats()
+	return s.ReadThrottled, s.WriteThrottled
 }
 
 // Wrap measures dev's requests in Default.

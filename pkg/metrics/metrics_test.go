@@ -17,6 +17,7 @@ import (
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/memory"
+	"github.com/csi-nbd/csi-nbd/pkg/backends/rate"
 	"github.com/csi-nbd/csi-nbd/pkg/limits"
 )
 
@@ -327,5 +328,39 @@ func TestStalled(t *testing.T) {
 	}
 	if err := stalled(ctx); err != nil {
 		t.Errorf("after the request finished: %v", err)
+	}
+}
+
+// A stack with the rate filter exports its limits and throttled time
+// without being told.
+func TestRateFilterFound(t *testing.T) {
+	ctx := context.Background()
+	m := New()
+	r, err := rate.New(memory.New(1<<20), rate.Limits{ReadBytesPerSec: 1 << 20, WriteIOPS: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := m.Wrap(r, vol)
+	defer dev.Close()
+	// 1.5 MiB of reads with a 1 MiB/s limit and a 100 ms bucket: the
+	// reads wait for tokens, so the throttled time cannot stay zero.
+	buf := make([]byte, 512<<10)
+	for range 3 {
+		if err := dev.ReadAt(ctx, buf, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fams := scrape(t, m.Handler(HandlerOptions{}))
+	if got := value(t, fams, "csi_nbd_volume_limit", volLabels("limit", "read_bytes_per_second")); got != 1<<20 {
+		t.Errorf("read limit %v; want %d", got, 1<<20)
+	}
+	if got := value(t, fams, "csi_nbd_volume_limit", volLabels("limit", "write_iops")); got != 3 {
+		t.Errorf("write IOPS limit %v; want 3", got)
+	}
+	if got := value(t, fams, "csi_nbd_volume_limit", volLabels("limit", "burst_seconds")); got != rate.DefaultBurst.Seconds() {
+		t.Errorf("burst %v; want the default %v", got, rate.DefaultBurst.Seconds())
+	}
+	if got := value(t, fams, "csi_nbd_volume_throttled_seconds_total", volLabels("direction", "read")); got <= 0 {
+		t.Errorf("read throttled %v s; want > 0", got)
 	}
 }
