@@ -24,6 +24,8 @@ import (
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	"github.com/csi-nbd/csi-nbd/internal/testpki"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
@@ -69,6 +71,21 @@ func (s *Server) Client(t testing.TB) *kubernetes.Clientset {
 		t.Fatal(err)
 	}
 	return cs
+}
+
+// Kubeconfig writes a kubeconfig file for the admin and returns its path.
+func (s *Server) Kubeconfig(t testing.TB) string {
+	t.Helper()
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["test"] = &clientcmdapi.Cluster{Server: s.Config.Host, CertificateAuthorityData: s.Config.CAData}
+	cfg.AuthInfos["admin"] = &clientcmdapi.AuthInfo{Token: s.Config.BearerToken}
+	cfg.Contexts["test"] = &clientcmdapi.Context{Cluster: "test", AuthInfo: "admin"}
+	cfg.CurrentContext = "test"
+	p := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := clientcmd.WriteToFile(*cfg, p); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 // Start runs etcd and kube-apiserver for the test's lifetime and waits
@@ -117,15 +134,15 @@ func Start(t testing.TB, extraArgs ...string) *Server {
 	}
 	port := testserver.FreePort(t)
 	process(t, filepath.Join(bin, "kube-apiserver"), append([]string{
-		"--etcd-servers="+clientURL,
-		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--secure-port="+strconv.Itoa(port),
-		"--tls-cert-file="+filepath.Join(dir, "server.pem"), "--tls-private-key-file="+filepath.Join(dir, "server.key"),
-		"--cert-dir="+filepath.Join(dir, "certs"),
-		"--token-auth-file="+filepath.Join(dir, "tokens.csv"),
+		"--etcd-servers=" + clientURL,
+		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--secure-port=" + strconv.Itoa(port),
+		"--tls-cert-file=" + filepath.Join(dir, "server.pem"), "--tls-private-key-file=" + filepath.Join(dir, "server.key"),
+		"--cert-dir=" + filepath.Join(dir, "certs"),
+		"--token-auth-file=" + filepath.Join(dir, "tokens.csv"),
 		"--authorization-mode=AlwaysAllow",
 		"--service-account-issuer=https://kubernetes.default.svc",
-		"--service-account-key-file="+filepath.Join(dir, "sa.pub"),
-		"--service-account-signing-key-file="+filepath.Join(dir, "sa.key"),
+		"--service-account-key-file=" + filepath.Join(dir, "sa.pub"),
+		"--service-account-signing-key-file=" + filepath.Join(dir, "sa.key"),
 		"--service-cluster-ip-range=10.96.0.0/16",
 		"--endpoint-reconciler-type=none",
 		"--v=1"}, extraArgs...)...)

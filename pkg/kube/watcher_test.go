@@ -11,6 +11,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -251,11 +252,27 @@ func TestWatcherAppliesClassAndAnnotations(t *testing.T) {
 	at = annotate(map[string]*string{limits.AnnWriteBytes: ptr("8"), limits.AnnReadBytes: nil})
 	step("annotation fixed", at, limits.Limits{ReadBytesPerSec: 100 << 20, WriteBytesPerSec: 8, WriteIOPS: 500, Burst: time.Second})
 
+	// After Untrack the volume is left alone. A second volume's change,
+	// made after the first's, marks when the first has been seen (one
+	// informer delivers claim events in order).
+	createVolume(t, cs, "other", "data2", "pvc-2", "size=1Gi;memory:pvc-2")
+	w.Track("size=1Gi;memory:pvc-2", nil)
+	w.Untrack(volumeID)
+	annotate(map[string]*string{limits.AnnWriteBytes: ptr("9")})
+	_, err = cs.CoreV1().PersistentVolumeClaims("other").Patch(ctx, "data2", types.MergePatchType,
+		[]byte(`{"metadata":{"annotations":{"csi-nbd.io/read-iops":"5"}}}`), metav1.PatchOptions{})
+	must(err)
+	calls := rec.waitCalls(t, len(want)+1)
+	if last := calls[len(calls)-1]; last.id != "size=1Gi;memory:pvc-2" || last.l != (limits.Limits{ReadIOPS: 5}) {
+		t.Errorf("second volume: SetLimits(%q, %+v)", last.id, last.l)
+	}
+	want = append(want, limits.Limits{ReadIOPS: 5})
+
 	cancel()
 	if err := <-runErr; err != nil {
 		t.Fatal(err)
 	}
-	calls := rec.snapshot()
+	calls = rec.snapshot()
 	if len(calls) != len(want) {
 		t.Errorf("%d SetLimits calls, want exactly %d (one per change): %+v", len(calls), len(want), calls)
 	}
@@ -272,7 +289,9 @@ func createVolume(t *testing.T, cs kubernetes.Interface, ns, claim, pvName, volu
 		}
 	}
 	_, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})
-	must(err)
+	if !apierrors.IsAlreadyExists(err) {
+		must(err)
+	}
 	pvc, err := cs.CoreV1().PersistentVolumeClaims(ns).Create(ctx, &corev1.PersistentVolumeClaim{
 		ObjectMeta: metav1.ObjectMeta{Name: claim},
 		Spec: corev1.PersistentVolumeClaimSpec{
@@ -307,7 +326,11 @@ func TestWatcherWithoutClasses(t *testing.T) {
 		t.Skip("starts etcd and kube-apiserver")
 	}
 	srv := kubetest.Start(t, "--runtime-config=storage.k8s.io/v1/volumeattributesclasses=false")
-	cs := srv.Client(t)
+	// Through a kubeconfig file, as with --kubeconfig.
+	cs, err := kube.NewClient(srv.Kubeconfig(t), "csi-nbd-test")
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	volumeID := "size=1Gi;memory:pvc-1"
@@ -318,7 +341,7 @@ func TestWatcherWithoutClasses(t *testing.T) {
 	w.Track(volumeID, nil)
 	runErr := make(chan error, 1)
 	go func() { runErr <- w.Run(ctx) }()
-	_, err := cs.CoreV1().PersistentVolumeClaims("apps").Patch(ctx, "data", types.MergePatchType,
+	_, err = cs.CoreV1().PersistentVolumeClaims("apps").Patch(ctx, "data", types.MergePatchType,
 		[]byte(`{"metadata":{"annotations":{"csi-nbd.io/read-iops":"250","csi-nbd.io/burst":"50ms"}}}`), metav1.PatchOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -331,5 +354,12 @@ func TestWatcherWithoutClasses(t *testing.T) {
 	cancel()
 	if err := <-runErr; err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestNewClientNamesTheFile(t *testing.T) {
+	_, err := kube.NewClient("/nonexistent/kubeconfig", "")
+	if err == nil || !strings.Contains(err.Error(), `"/nonexistent/kubeconfig"`) {
+		t.Errorf("NewClient of a missing file: %v", err)
 	}
 }
