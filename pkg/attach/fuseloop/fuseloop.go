@@ -174,16 +174,19 @@ func Attach(ctx context.Context, dev backends.Device, cfg Config) (_ *Attachment
 		}
 	}()
 
-	mode := os.O_RDWR
-	if readOnly {
-		mode = os.O_RDONLY
+	if err := disablePoll(a.file); err != nil {
+		return nil, fmt.Errorf("fuseloop: %w", err)
 	}
-	backing, err := os.OpenFile(a.file, mode, 0)
+	mode := unix.O_RDWR
+	if readOnly {
+		mode = unix.O_RDONLY
+	}
+	backing, err := unix.Open(a.file, mode|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("fuseloop: open %s: %w", a.file, err)
 	}
 	loop, err := configureLoop(ctx, backing, cfg.BlockSize, readOnly, loopMarker(dir, cfg.Name))
-	backing.Close() // the loop device holds its own reference
+	unix.Close(backing) // the loop device holds its own reference
 	if err != nil {
 		return nil, fmt.Errorf("fuseloop: %w", err)
 	}
@@ -255,6 +258,28 @@ func mountFUSE(dir, name string, node *fileNode, readOnly bool) (*fuse.Server, e
 		return nil, fmt.Errorf("fuseloop: FUSE mount on %s: %w", dir, err)
 	}
 	return server, nil
+}
+
+// disablePoll makes the kernel stop sending FUSE POLL requests for this
+// mount, before anything in this process opens a file in it through package
+// os. os registers regular files with the runtime's epoll instance;
+// epoll_ctl then waits for our answer to POLL while holding the epoll
+// mutex, and the runtime's own epoll_wait, which our FUSE readers may need
+// to get scheduled, blocks on that mutex: the process deadlocks (observed
+// here under -race). go-fuse's poll hack does this at mount time, but only
+// when go-fuse mounts. A poll(2) outside the runtime's epoll gets the
+// answer ENOSYS, after which the kernel never asks again.
+func disablePoll(file string) error {
+	fd, err := unix.Open(file, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", file, err)
+	}
+	defer unix.Close(fd)
+	_, err = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLOUT}}, 0)
+	if err != nil && !errors.Is(err, unix.EINTR) {
+		return fmt.Errorf("poll %s: %w", file, err)
+	}
+	return nil
 }
 
 // watch closes Done when the FUSE server exits: after Detach unmounted

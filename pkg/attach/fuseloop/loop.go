@@ -55,7 +55,7 @@ func loopPath(index int) string { return "/dev/loop" + strconv.Itoa(index) }
 // (LOOP_CONFIGURE). Another process may take the free device between our
 // LOOP_CTL_GET_FREE and LOOP_CONFIGURE (EBUSY); then we ask again, as
 // losetup does.
-func configureLoop(ctx context.Context, backing *os.File, blockSize uint32, readOnly bool, marker string) (*loopDev, error) {
+func configureLoop(ctx context.Context, backing int, blockSize uint32, readOnly bool, marker string) (*loopDev, error) {
 	ctl, err := os.OpenFile(loopControl, os.O_RDWR, 0)
 	if err != nil {
 		return nil, fmt.Errorf("loop control: %w", err)
@@ -63,7 +63,7 @@ func configureLoop(ctx context.Context, backing *os.File, blockSize uint32, read
 	defer ctl.Close()
 
 	var cfg unix.LoopConfig
-	cfg.Fd = uint32(backing.Fd())
+	cfg.Fd = uint32(backing)
 	cfg.Size = blockSize
 	// AUTOCLEAR: the loop detaches itself on its last close. We hold a
 	// descriptor for the life of the attachment, so this only matters
