@@ -37,7 +37,10 @@ func parseMountinfo(r io.Reader) ([]mountEntry, error) {
 }
 
 func parseMountinfoLine(line string) (mountEntry, error) {
-	fields := strings.Fields(line)
+	// Fields are separated by single spaces; whitespace inside them is
+	// escaped, so splitting on anything else (strings.Fields would split
+	// on \r or U+0085) could cut a path.
+	fields := strings.Split(line, " ")
 	sep := -1
 	for i := 6; i < len(fields); i++ {
 		if fields[i] == "-" {
@@ -45,7 +48,7 @@ func parseMountinfoLine(line string) (mountEntry, error) {
 			break
 		}
 	}
-	if len(fields) < 6 || sep < 0 || len(fields) < sep+3 {
+	if sep < 0 || len(fields) < sep+3 || fields[4] == "" || fields[sep+1] == "" || fields[sep+2] == "" {
 		return mountEntry{}, fmt.Errorf("malformed: %q", line)
 	}
 	return mountEntry{
