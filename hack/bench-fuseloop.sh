@@ -4,17 +4,19 @@
 # default, so both sides keep their data in RAM), with the same fio jobs,
 # direct I/O. Needs root, /dev/fuse, /dev/loop-control, fio, losetup.
 #
-#   hack/bench-fuseloop.sh            # SIZE=1G RUNTIME=10 BASE_DIR=/dev/shm
+#   hack/bench-fuseloop.sh     # SIZE=1G RUNTIME=10 REPEAT=3 BASE_DIR=/dev/shm
 #
-# Prints one row per job: IOPS (4k) or MiB/s (1M) of each and the ratio
-# fallback/plain. Absolute figures depend on the machine; the ratio is the
-# point.
+# Prints one row per job: the median IOPS (4k) or MiB/s (1M) of each over
+# REPEAT interleaved runs, and the ratio fallback/plain. Absolute figures
+# depend on the machine (and on whatever else runs on it); the ratio is
+# the point.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$PATH:/usr/local/go/bin
 
 SIZE=${SIZE:-1G}
 RUNTIME=${RUNTIME:-10}
+REPEAT=${REPEAT:-3}
 BASE_DIR=${BASE_DIR:-/dev/shm}
 
 [ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 1; }
@@ -57,7 +59,7 @@ plain_dev=$(losetup -f --show --direct-io=on --sector-size 4096 "$BASE_DIR/bench
 
 dio() { cat "/sys/block/$(basename "$1")/loop/dio"; }
 echo "fallback: $fuse_dev (dio=$(dio "$fuse_dev"))  plain: $plain_dev over $BASE_DIR (dio=$(dio "$plain_dev"))"
-echo "size $SIZE, ${RUNTIME}s per job, fio $(fio --version)"
+echo "size $SIZE, ${RUNTIME}s per job, median of $REPEAT, fio $(fio --version)"
 
 # name rw bs iodepth engine
 jobs=(
@@ -79,23 +81,31 @@ results="$work/results"
 : >"$results"
 for j in "${jobs[@]}"; do
   read -r name rw bs qd engine <<<"$j"
-  run_job "$fuse_dev" "$rw" "$bs" "$qd" "$engine" "$work/$name.fuse.json"
-  run_job "$plain_dev" "$rw" "$bs" "$qd" "$engine" "$work/$name.plain.json"
-  echo "$name $bs $work/$name.fuse.json $work/$name.plain.json" >>"$results"
+  for r in $(seq "$REPEAT"); do
+    run_job "$fuse_dev" "$rw" "$bs" "$qd" "$engine" "$work/$name.$r.fuse.json"
+    run_job "$plain_dev" "$rw" "$bs" "$qd" "$engine" "$work/$name.$r.plain.json"
+    echo "$name $bs $work/$name.$r.fuse.json $work/$name.$r.plain.json" >>"$results"
+  done
 done
 
 python3 - "$results" <<'EOF'
-import json, sys
+import json, statistics, sys
 def figure(path, bs):
     j = json.load(open(path))["jobs"][0]
     side = j["read"] if j["read"]["io_bytes"] else j["write"]
     if bs == "4k":
         return side["iops"], "IOPS"
     return side["bw_bytes"] / (1 << 20), "MiB/s"
-print(f"{'job':<18}{'fallback':>12}{'plain loop':>12}{'unit':>7}{'ratio':>8}")
+runs = {}
 for line in open(sys.argv[1]):
     name, bs, fuse, plain = line.split()
     f, unit = figure(fuse, bs)
     p, _ = figure(plain, bs)
+    runs.setdefault(name, (unit, [], []))
+    runs[name][1].append(f)
+    runs[name][2].append(p)
+print(f"{'job':<18}{'fallback':>12}{'plain loop':>12}{'unit':>7}{'ratio':>8}")
+for name, (unit, fs, ps) in runs.items():
+    f, p = statistics.median(fs), statistics.median(ps)
     print(f"{name:<18}{f:>12.0f}{p:>12.0f}{unit:>7}{f / p:>8.2f}")
 EOF

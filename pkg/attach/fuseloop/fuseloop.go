@@ -109,7 +109,7 @@ type Attachment struct {
 	file   string // dir/name, the loop's backing file
 	node   *fileNode
 	server *fuse.Server
-	index  int
+	index  atomic.Int64 // loop device number; -1 until configured (watch reads it concurrently)
 	done   chan struct{} // closed when the FUSE server has exited
 
 	// detaching is set while we unmount the FUSE file system ourselves,
@@ -167,6 +167,7 @@ func Attach(ctx context.Context, dev backends.Device, cfg Config) (_ *Attachment
 		dev: dev, dir: dir, file: filepath.Join(dir, cfg.Name), node: node, server: server,
 		done: make(chan struct{}),
 	}
+	a.index.Store(-1)
 	go a.watch()
 	defer func() {
 		if err != nil {
@@ -190,9 +191,10 @@ func Attach(ctx context.Context, dev backends.Device, cfg Config) (_ *Attachment
 	if err != nil {
 		return nil, fmt.Errorf("fuseloop: %w", err)
 	}
-	a.loop, a.index = loop.f, loop.index
+	a.loop = loop.f
+	a.index.Store(int64(loop.index))
 
-	info, _ := readLoopInfo(a.index)
+	info, _ := readLoopInfo(loop.index)
 	if !info.dio {
 		// Still correct (FOPEN_DIRECT_IO keeps the FUSE file uncached),
 		// but each request is then copied through the loop's buffers.
@@ -296,7 +298,7 @@ func (a *Attachment) watch() {
 }
 
 // Path is the block device, "/dev/loopN".
-func (a *Attachment) Path() string { return loopPath(a.index) }
+func (a *Attachment) Path() string { return loopPath(int(a.index.Load())) }
 
 // Done is closed when the attachment has ended: after Detach, or when
 // the FUSE file system went away underneath us (then Err says so).
@@ -380,7 +382,7 @@ func (a *Attachment) Detach(ctx context.Context) error {
 		a.loop.Close()
 		a.loop = nil
 	}
-	if err := waitLoopGone(ctx, a.index, a.dir); err != nil {
+	if err := waitLoopGone(ctx, int(a.index.Load()), a.dir); err != nil {
 		return fmt.Errorf("fuseloop: detach: %w", err)
 	}
 	if err := a.unmount(ctx); err != nil {
@@ -443,7 +445,7 @@ func (a *Attachment) teardown() {
 	a.detached = true
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	waitLoopGone(ctx, a.index, a.dir)
+	waitLoopGone(ctx, int(a.index.Load()), a.dir)
 	if err := a.unmount(ctx); err != nil {
 		unix.Unmount(a.dir, unix.MNT_DETACH)
 	}

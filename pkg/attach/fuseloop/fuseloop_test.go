@@ -40,14 +40,14 @@ func TestFilesystemCycle(t *testing.T) {
 	if got := deviceSize(t, a.Path()); got != 64*mi {
 		t.Fatalf("size of %s = %d, want %d", a.Path(), got, 64*mi)
 	}
-	info, ok := readLoopInfo(a.index)
+	info, ok := readLoopInfo(int(a.index.Load()))
 	if !ok || info.backing != filepath.Join(dir, "disk") {
 		t.Fatalf("%s backing file = %q (bound %v), want %s", a.Path(), info.backing, ok, filepath.Join(dir, "disk"))
 	}
 	if !info.dio {
 		t.Errorf("%s does not use direct I/O", a.Path())
 	}
-	if name, err := loopFileName(a.index); err != nil || name != loopMarker(dir, "disk") {
+	if name, err := loopFileName(int(a.index.Load())); err != nil || name != loopMarker(dir, "disk") {
 		t.Errorf("lo_file_name = %q, %v; want %q", name, err, loopMarker(dir, "disk"))
 	}
 
@@ -448,4 +448,40 @@ func startHelper(t *testing.T, dir string) (path string, kill func()) {
 		CleanupStale(dir)
 	})
 	return path, kill
+}
+
+// When the FUSE connection dies underneath (here: umount -f, which aborts
+// it), Done closes, Err says why, I/O on the loop device fails instead of
+// hanging, and Detach still cleans up.
+func TestDoneWhenFUSEGoesAway(t *testing.T) {
+	requireFuseLoop(t)
+	dev := openMemory(t, "size=8Mi;memory:gone")
+	dir := filepath.Join(t.TempDir(), "vol")
+	a, err := Attach(context.Background(), dev, Config{Name: "disk", Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// MNT_FORCE aborts the FUSE connection before finding the mount busy.
+	if err := unix.Unmount(dir, unix.MNT_FORCE); err != nil && !errors.Is(err, unix.EBUSY) {
+		t.Fatal(err)
+	}
+	<-a.Done()
+	if a.Err() == nil {
+		t.Error("Err is nil after the FUSE server went away")
+	}
+	f, err := os.OpenFile(a.Path(), os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.ReadAt(alignedBlock(4096), 0); err == nil {
+		t.Error("read from a loop device over a dead FUSE file succeeded")
+	}
+	f.Close()
+	a.Detach(context.Background()) // the flush fails; detaching must not
+	if l := ourLoops(t, dir); len(l) != 0 {
+		t.Errorf("loop devices of ours left: %v", l)
+	}
+	if m, _ := isMountPoint(dir); m {
+		t.Errorf("%s still mounted", dir)
+	}
 }
