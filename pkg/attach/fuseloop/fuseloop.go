@@ -109,7 +109,7 @@ type Attachment struct {
 	file   string // dir/name, the loop's backing file
 	node   *fileNode
 	server *fuse.Server
-	index  atomic.Int64 // loop device number; -1 until configured (watch reads it concurrently)
+	index  atomic.Int64  // loop device number; -1 until configured (watch reads it concurrently)
 	done   chan struct{} // closed when the FUSE server has exited
 
 	// detaching is set while we unmount the FUSE file system ourselves,

@@ -485,3 +485,51 @@ func TestDoneWhenFUSEGoesAway(t *testing.T) {
 		t.Errorf("%s still mounted", dir)
 	}
 }
+
+// Discard, zero-out and write-zeroes-with-unmap on the block device reach
+// the device as Zero and read back as zeros (the kernel's loop driver
+// turns them into fallocate modes; this pins down which).
+func TestBlockDiscardAndZeroout(t *testing.T) {
+	requireFuseLoop(t)
+	blkdiscard := testserver.RequireTool(t, "blkdiscard")
+	fallocate := testserver.RequireTool(t, "fallocate")
+	dev := &countingDevice{Device: openMemory(t, "size=16Mi;memory:discard")}
+	a := attach(t, dev, Config{Name: "disk", Dir: filepath.Join(t.TempDir(), "vol"), BlockSize: 4096})
+	ctx := context.Background()
+	fill := bytes.Repeat([]byte{0x5a}, 4*mi)
+	rng := []string{"--offset", fmt.Sprint(4 * mi), "--length", fmt.Sprint(4 * mi), a.Path()}
+	for _, c := range []struct {
+		name     string
+		cmd      []string
+		wantFlag backends.ZeroFlags // ZeroNoHole when space must stay allocated
+	}{
+		{"discard", append([]string{blkdiscard}, rng...), 0},
+		{"zeroout", append([]string{blkdiscard, "--zeroout"}, rng...), backends.ZeroNoHole},
+		// Write-zeroes that may unmap: reaches us as PUNCH_HOLE too,
+		// which is why a punched range must read back as zeros.
+		{"punch", append([]string{fallocate, "--punch-hole"}, rng...), 0},
+	} {
+		if err := dev.WriteAt(ctx, fill, 4*mi, false); err != nil {
+			t.Fatal(err)
+		}
+		zeros := dev.zeros.Load()
+		dev.zeroFlags.Store(0)
+		run(t, c.cmd[0], c.cmd[1:]...)
+		if dev.zeros.Load() == zeros {
+			t.Errorf("%s: no Zero call reached the device", c.name)
+		}
+		if got := backends.ZeroFlags(dev.zeroFlags.Load()); got != c.wantFlag {
+			t.Errorf("%s: Zero flags %b, want %b", c.name, got, c.wantFlag)
+		}
+		got := make([]byte, 4*mi)
+		if err := dev.ReadAt(ctx, got, 4*mi); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, make([]byte, 4*mi)) {
+			t.Errorf("%s: range does not read back as zeros", c.name)
+		}
+	}
+	if dev.trims.Load() != 0 {
+		t.Errorf("Trim called %d times", dev.trims.Load())
+	}
+}
