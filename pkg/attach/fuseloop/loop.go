@@ -191,8 +191,34 @@ func isOurs(index int, dir string) (loopInfo, bool) {
 	if under(info.backing, dir) && info.backing != dir {
 		return info, true
 	}
-	name, err := loopFileName(index)
+	name, err := loopFileNameTimeout(index, statusTimeout)
 	return info, err == nil && strings.HasPrefix(name, dirMarker(dir))
+}
+
+// statusTimeout bounds LOOP_GET_STATUS64 on loop devices that may not be
+// ours: the kernel stats the backing file for it, which never returns if
+// that file lives on a FUSE or network file system whose server hangs.
+const statusTimeout = 2 * time.Second
+
+// loopFileNameTimeout is loopFileName giving up after d; the stuck call,
+// if any, is left behind (it is uninterruptible) rather than hanging the
+// caller.
+func loopFileNameTimeout(index int, d time.Duration) (string, error) {
+	type result struct {
+		name string
+		err  error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		name, err := loopFileName(index)
+		ch <- result{name, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.name, r.err
+	case <-time.After(d):
+		return "", fmt.Errorf("%s: LOOP_GET_STATUS64 did not return within %v (backing file unreachable?)", loopPath(index), d)
+	}
 }
 
 // waitLoopGone waits until loop index is no longer ours for dir (the
