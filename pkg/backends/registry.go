@@ -61,7 +61,7 @@ func Register(b Backend) {
 }
 
 func register(b Backend) error {
-	if b.Scheme == "" || !validKey(b.Scheme) {
+	if !validScheme(b.Scheme) {
 		return fmt.Errorf("invalid scheme %q", b.Scheme)
 	}
 	if b.Open == nil {
@@ -85,12 +85,22 @@ func register(b Backend) error {
 		if f := filterOwning(o.Key); f != nil {
 			return fmt.Errorf("scheme %q: option %q is filter %q's", b.Scheme, o.Key, f.Name)
 		}
+		if _, common := findOption(CommonOptions, o.Key); common {
+			return fmt.Errorf("scheme %q: option %q is a common option", b.Scheme, o.Key)
+		}
 	}
 	if registry.backends == nil {
 		registry.backends = map[string]*Backend{}
 	}
 	registry.backends[b.Scheme] = &b
 	return nil
+}
+
+// validScheme accepts a lower-case RFC 3986 scheme, as schemeOf returns
+// them ("nbd+unix" included).
+func validScheme(s string) bool {
+	scheme, ok := schemeOf(s + ":")
+	return ok && scheme == s
 }
 
 // RegisterFilter adds a filter. Its option keys must not clash with any
@@ -129,6 +139,9 @@ func registerFilter(f Filter) error {
 			return fmt.Errorf("filter %q: option %q declared twice", f.Name, o.Key)
 		}
 		seen[o.Key] = true
+		if _, common := findOption(CommonOptions, o.Key); common {
+			return fmt.Errorf("filter %q: option %q is a common option", f.Name, o.Key)
+		}
 		if g := filterOwning(o.Key); g != nil {
 			return fmt.Errorf("filter %q: option %q is filter %q's", f.Name, o.Key, g.Name)
 		}
@@ -172,9 +185,20 @@ func lookupBackend(scheme string) (*Backend, bool) {
 	return b, ok
 }
 
-// lookupOption finds key among b's options (b may be nil) and then the
-// filters'.
+// CommonOptions are accepted with every scheme and belong to no backend or
+// filter.
+var CommonOptions = []Option{{
+	Key: "volume", Kind: OptString,
+	Doc: "Names the volume when several share one origin (an http file, an nbd export): " +
+		"it keeps their local state (cache, cow overlay, attach) apart. It does not change the data path.",
+}}
+
+// lookupOption finds key among b's options (b may be nil), the filters'
+// and the common ones.
 func lookupOption(b *Backend, key string) (Option, bool) {
+	if o, ok := findOption(CommonOptions, key); ok {
+		return o, true
+	}
 	if b != nil {
 		if o, ok := findOption(b.Options, key); ok {
 			return o, true
@@ -191,6 +215,9 @@ func lookupOption(b *Backend, key string) (Option, bool) {
 // knownKeys lists the keys valid with backend b, sorted.
 func knownKeys(b *Backend) []string {
 	var keys []string
+	for _, o := range CommonOptions {
+		keys = append(keys, o.Key)
+	}
 	for _, o := range b.Options {
 		keys = append(keys, o.Key)
 	}
@@ -256,7 +283,7 @@ func Open(ctx context.Context, s Spec, env Env) (Device, error) {
 	}
 	dev, err := b.Open(ctx, s, env)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", quote(s.String()), err)
+		return nil, fmt.Errorf("open %s: %w", quote(s.Redacted()), err)
 	}
 	for _, f := range filters() {
 		if !f.enabled(s) {
@@ -264,7 +291,7 @@ func Open(ctx context.Context, s Spec, env Env) (Device, error) {
 		}
 		w, err := f.Wrap(ctx, s, env, dev)
 		if err != nil {
-			err = fmt.Errorf("open %s: filter %s: %w", quote(s.String()), f.Name, err)
+			err = fmt.Errorf("open %s: filter %s: %w", quote(s.Redacted()), f.Name, err)
 			return nil, errors.Join(err, dev.Close())
 		}
 		dev = w
