@@ -278,8 +278,7 @@ func TestReadOnly(t *testing.T) {
 
 func TestResize(t *testing.T) {
 	requireFuseLoop(t)
-	dev := &growDevice{Device: openMemory(t, "size=64Mi;memory:grow")}
-	dev.size.Store(32 * mi)
+	dev := openMemory(t, "size=32Mi;memory:grow")
 	dir := filepath.Join(t.TempDir(), "vol")
 	a := attach(t, dev, Config{Name: "disk", Dir: dir, BlockSize: 4096})
 	if got := deviceSize(t, a.Path()); got != 32*mi {
@@ -289,7 +288,9 @@ func TestResize(t *testing.T) {
 	if err := a.Resize(ctx, 48*mi); !errors.Is(err, backends.ErrInvalid) {
 		t.Errorf("Resize before the device grew = %v, want ErrInvalid", err)
 	}
-	dev.size.Store(48 * mi)
+	if err := backends.Resize(ctx, dev, 48*mi); err != nil {
+		t.Fatal(err)
+	}
 	if err := a.Resize(ctx, 48*mi); err != nil {
 		t.Fatal(err)
 	}

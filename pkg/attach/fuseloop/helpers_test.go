@@ -136,15 +136,6 @@ type capsDevice struct {
 
 func (d *capsDevice) Caps() backends.Caps { return d.caps }
 
-// growDevice reports a size below its inner device's and can grow up to
-// it, like a volume being expanded.
-type growDevice struct {
-	backends.Device
-	size atomic.Uint64
-}
-
-func (d *growDevice) Size() uint64 { return d.size.Load() }
-
 // allocated is how many bytes of dev are allocated (not holes).
 func allocated(t *testing.T, dev backends.Device) uint64 {
 	t.Helper()
