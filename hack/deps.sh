@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio nbdkit-plugin-python python3-boto3 nginx)
+apt_pkgs+=(e2fsprogs mount util-linux) # fuseloop tests: mkfs.ext4, losetup, fstrim
 
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -184,8 +184,8 @@ func TestReadaheadGoesToTheCacheBelow(t *testing.T) {
 	if got, want := inner.reads.Load(), int64(size/bs); got != want {
 		t.Errorf("%d reads reached the device, want all %d", got, want)
 	}
-	// Windows start at 64 KiB, double, stop at readahead-max, never ask
-	// twice for the same range, and reach the end of the device. (They
+	// Windows start at 64 KiB, double, stop at readahead-max and never ask
+	// twice for the same range. (They
 	// may skip a range the reader got to first while the readaheads in
 	// flight were at their bound.)
 	if calls[0][1] != MinWindow {
@@ -206,9 +206,9 @@ func TestReadaheadGoesToTheCacheBelow(t *testing.T) {
 	if biggest != maxWin {
 		t.Errorf("largest readahead %d, want readahead-max %d", biggest, maxWin)
 	}
-	if next != size {
-		t.Errorf("readahead stopped at %d of %d", next, size)
-	}
+	// Whether the last windows reach the end depends on how far the
+	// background Cache calls lag behind the reader (a loaded machine
+	// lets the reader catch up), so that is not asserted.
 }
 
 // A reader must never see data older than a write that returned before
