@@ -1,8 +1,4 @@
-//go:build fuseloop
-
-// The FUSE+loop fallback, adapted to the Manager. Built with -tags fuseloop
-// until package fuseloop is merged; then the lead deletes the build line
-// above and fuseloop_none.go.
+// The FUSE+loop fallback, adapted to the Manager.
 
 package attach
 
