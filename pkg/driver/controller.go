@@ -16,6 +16,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
+	"github.com/csi-nbd/csi-nbd/pkg/limits"
 )
 
 // TopologyKey is the topology segment naming a node; memory volumes are
@@ -150,7 +151,21 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if err != nil {
 		return nil, err
 	}
-	plan, err := planVolume(name, size, req.GetParameters(), d.cfg.RateAlways)
+	params := req.GetParameters()
+	if mp := maps.Clone(req.GetMutableParameters()); len(mp) > 0 {
+		// A VolumeAttributesClass given at creation: its limits are the
+		// volume's initial ones, over the StorageClass's.
+		maps.DeleteFunc(mp, func(k, _ string) bool { return strings.HasPrefix(k, "csi.storage.k8s.io/") })
+		if _, err := limits.Parse(mp); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "mutable parameters: %v", err)
+		}
+		params = maps.Clone(params)
+		if params == nil {
+			params = map[string]string{}
+		}
+		maps.Copy(params, mp)
+	}
+	plan, err := planVolume(name, size, params, d.cfg.RateAlways)
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
@@ -207,7 +222,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		}
 	}
 
-	rec := volumeRecord{ID: id, Capacity: capacity, Params: req.GetParameters(), Source: srcID, Context: plan.context}
+	rec := volumeRecord{ID: id, Capacity: capacity, Params: params, Source: srcID, Context: plan.context}
 	if nodeLocal(spec) {
 		rec.Topology = d.pickTopology(req.GetAccessibilityRequirements())
 	}

@@ -198,3 +198,25 @@ func TestBackendsAllowList(t *testing.T) {
 		t.Error("unknown backend accepted")
 	}
 }
+
+func TestCreateVolumeWithAttributesClass(t *testing.T) {
+	ctx := context.Background()
+	d := newController(t)
+	req := &csi.CreateVolumeRequest{Name: "pvc-1", VolumeCapabilities: []*csi.VolumeCapability{rwo},
+		Parameters:        map[string]string{"readBytesPerSecond": "10Mi"},
+		MutableParameters: map[string]string{"readBytesPerSecond": "20Mi", "writeIOPS": "100"}}
+	r, err := d.CreateVolume(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "iops-write=100,rate-read=20Mi;memory:pvc-1"; r.Volume.VolumeId != want {
+		t.Errorf("volume %q; want the class's limits over the StorageClass's: %q", r.Volume.VolumeId, want)
+	}
+	req.Name = "pvc-2"
+	req.MutableParameters = map[string]string{"readIOPS": "lots"}
+	_, err = d.CreateVolume(ctx, req)
+	wantCode(t, err, codes.InvalidArgument, "bad mutable parameter")
+	if err == nil || !strings.Contains(err.Error(), "readIOPS") {
+		t.Errorf("error %v does not name readIOPS", err)
+	}
+}

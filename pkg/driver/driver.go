@@ -45,7 +45,9 @@ const (
 // are file-name safe keys (backends.VolumeKey of the spec).
 type Attacher interface {
 	// Attach is idempotent: the same id and spec give the same device.
-	Attach(ctx context.Context, id, spec string, secrets map[string]string, readOnly bool) (devicePath string, err error)
+	// volumeContext is CreateVolume's (PV and PVC names for metrics and
+	// live limits).
+	Attach(ctx context.Context, id, spec string, secrets, volumeContext map[string]string, readOnly bool) (devicePath string, err error)
 	// Detach flushes, detaches and forgets id; unknown ids are not an error.
 	Detach(ctx context.Context, id string) error
 	// DevicePath returns the device of an attached volume.
@@ -193,6 +195,15 @@ func Listen(endpoint string) (net.Listener, error) {
 		return nil, fmt.Errorf("endpoint %q: %w", endpoint, err)
 	}
 	return ln, nil
+}
+
+// Ready is nil once the driver is ready (the node has re-served the
+// volumes it had before a restart): the readiness probe.
+func (d *Driver) Ready(context.Context) error {
+	if !d.ready.Load() {
+		return errors.New("not ready: re-serving volumes staged before the restart")
+	}
+	return nil
 }
 
 // Run serves CSI on ln until ctx ends. The node first re-serves volumes

@@ -86,7 +86,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	defer unlock()
 
 	readOnly := readOnlyMode(capability) || readOnlyBackend(spec)
-	dev, err := d.cfg.Attacher.Attach(ctx, key, spec.String(), req.GetSecrets(), readOnly)
+	dev, err := d.cfg.Attacher.Attach(ctx, key, spec.String(), req.GetSecrets(), req.GetVolumeContext(), readOnly)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "attaching volume %q: %v", req.GetVolumeId(), err)
 	}
