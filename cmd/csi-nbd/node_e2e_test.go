@@ -5,12 +5,14 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
 
+	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/rate"
 	"github.com/csi-nbd/csi-nbd/pkg/driver"
@@ -148,5 +150,55 @@ func TestNodeSetLimitsLive(t *testing.T) {
 	}
 	if err := att.SetLimits(id, limits.Limits{ReadIOPS: -1}); err == nil {
 		t.Error("negative limit accepted")
+	}
+}
+
+// An s3 volume's writer lease keeps a second node from writing while the
+// first holds it, even if the controller's bookkeeping were bypassed;
+// readers (ReadOnlyMany) take no lease and share it.
+func TestNodeS3OneWriterManyReaders(t *testing.T) {
+	attachEnv(t)
+	gw := testserver.StartVersitygw(t)
+	gw.CreateBucket("lease")
+	ctx := context.Background()
+	id := "endpoint=" + gw.Endpoint() + ",path-style=true,size=16Mi;s3://lease/vols/pvc-1"
+	spec, err := backends.Parse(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id = spec.String()
+	newNode := func(name string) *driver.Driver {
+		dir := t.TempDir()
+		att, err := newNodeAttacher(filepath.Join(dir, "state"), name, attachFlags{connections: 1, fallback: "auto"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { att.Close() })
+		d, err := driver.New(driver.Config{Version: "test", Mode: driver.ModeNode, NodeID: name, StateDir: filepath.Join(dir, "state"),
+			Attacher: att, Mounter: &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	block := func(mode csi.VolumeCapability_AccessMode_Mode) *csi.VolumeCapability {
+		return &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+			AccessMode: &csi.VolumeCapability_AccessMode{Mode: mode}}
+	}
+	a, b, c := newNode("node-a"), newNode("node-b"), newNode("node-c")
+	stage := func(d *driver.Driver, mode csi.VolumeCapability_AccessMode_Mode) error {
+		_, err := d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: t.TempDir(),
+			VolumeCapability: block(mode), Secrets: gw.Secrets()})
+		return err
+	}
+	if err := stage(a, csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER); err != nil {
+		t.Fatal(err)
+	}
+	err = stage(b, csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)
+	if err == nil || !strings.Contains(err.Error(), "node-a") {
+		t.Errorf("second writer: %v; want a refusal naming the lease holder node-a", err)
+	}
+	if err := stage(c, csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY); err != nil {
+		t.Errorf("reader beside the writer: %v", err)
 	}
 }

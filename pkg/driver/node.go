@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -53,6 +55,23 @@ func nodeVolume(id string) (backends.Spec, string, error) {
 	return spec, backends.VolumeKey(spec), nil
 }
 
+// readOnlyOpen asks the backend itself to open read-only when it can (an
+// s3 volume then takes no writer's lease, so ReadOnlyMany readers can
+// share it with each other and wait for no writer).
+func readOnlyOpen(spec backends.Spec) backends.Spec {
+	b, ok := backends.LookupBackend(spec.Scheme())
+	if !ok || !slices.ContainsFunc(b.Options, func(o backends.Option) bool { return o.Key == "readonly" }) {
+		return spec
+	}
+	opts := maps.Clone(spec.Options)
+	opts["readonly"] = "true"
+	ro, err := backends.Parse(backends.Spec{Options: opts, URL: spec.URL}.String())
+	if err != nil {
+		return spec
+	}
+	return ro
+}
+
 func readOnlyMode(c *csi.VolumeCapability) bool {
 	switch c.GetAccessMode().GetMode() {
 	case csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY, csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY:
@@ -86,7 +105,11 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	defer unlock()
 
 	readOnly := readOnlyMode(capability) || readOnlyBackend(spec)
-	dev, err := d.cfg.Attacher.Attach(ctx, key, spec.String(), req.GetSecrets(), req.GetVolumeContext(), readOnly)
+	attachSpec := spec
+	if readOnly {
+		attachSpec = readOnlyOpen(spec)
+	}
+	dev, err := d.cfg.Attacher.Attach(ctx, key, attachSpec.String(), req.GetSecrets(), req.GetVolumeContext(), readOnly)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "attaching volume %q: %v", req.GetVolumeId(), err)
 	}

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/all"
 )
 
@@ -73,6 +74,21 @@ func TestPlanVolumeErrorsNameTheParameter(t *testing.T) {
 		var pe *paramError
 		if !errors.As(err, &pe) || pe.param != tc.param || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), `"`+tc.param+`"`) {
 			t.Errorf("params %v: error %v; want one naming %q with %q", tc.params, err, tc.param, tc.want)
+		}
+	}
+}
+
+func TestReadOnlyOpen(t *testing.T) {
+	for in, want := range map[string]string{
+		"size=1Gi,endpoint=http://127.0.0.1:9/,path-style=true;s3://bkt/p/v": "endpoint=http://127.0.0.1:9/,path-style=true,readonly=true,size=1Gi;s3://bkt/p/v",
+		"size=2Gi;memory:x": "size=2Gi;memory:x", // no such option: unchanged
+	} {
+		s, err := backends.Parse(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := readOnlyOpen(s).String(); got != want {
+			t.Errorf("readOnlyOpen(%q) = %q; want %q", in, got, want)
 		}
 	}
 }
