@@ -90,6 +90,7 @@ func (m mode) String() string {
 
 // Config is the cache filter's configuration, decoded from a spec.
 type Config struct {
+	Mode   string // writeback, writethrough or unsafe
 	mode   mode
 	Size   uint64 // cap in bytes
 	Block  uint64
@@ -108,18 +109,10 @@ func Validate(s backends.Spec) error {
 
 func parseConfig(s backends.Spec) (Config, error) {
 	var c Config
-	v, _ := s.Value(keyMode)
-	switch v {
-	case "off", "":
-		c.mode = modeOff
-	case "writeback":
-		c.mode = modeWriteback
-	case "writethrough":
-		c.mode = modeWritethrough
-	case "unsafe":
-		c.mode = modeUnsafe
-	default:
-		return c, fmt.Errorf("option %q: invalid value %q", keyMode, v)
+	c.Mode, _ = s.Value(keyMode)
+	var err error
+	if c.mode, err = parseMode(c.Mode); err != nil {
+		return c, err
 	}
 	if c.mode == modeOff {
 		for _, k := range []string{keySize, keyBlock, keyOnRead, keyDir} {
@@ -154,6 +147,20 @@ func parseConfig(s backends.Spec) (Config, error) {
 		c.Dir = filepath.Clean(d)
 	}
 	return c, nil
+}
+
+func parseMode(v string) (mode, error) {
+	switch v {
+	case "off", "":
+		return modeOff, nil
+	case "writeback":
+		return modeWriteback, nil
+	case "writethrough":
+		return modeWritethrough, nil
+	case "unsafe":
+		return modeUnsafe, nil
+	}
+	return modeOff, fmt.Errorf("option %q: invalid value %q", keyMode, v)
 }
 
 func wrap(ctx context.Context, s backends.Spec, env backends.Env, inner backends.Device) (backends.Device, error) {

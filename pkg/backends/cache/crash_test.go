@@ -45,7 +45,7 @@ func crashWrite(s int) (off uint64, p []byte) {
 }
 
 func crashConfig(dir string) Config {
-	return Config{mode: modeWriteback, Size: crashCap, Block: crashBlock, OnRead: true, Dir: filepath.Join(dir, "cache")}
+	return Config{Mode: "writeback", Size: crashCap, Block: crashBlock, OnRead: true, Dir: filepath.Join(dir, "cache")}
 }
 
 func crashChild() {

@@ -87,6 +87,13 @@ var _ backends.Resizer = (*Device)(nil)
 // served, unless the machine rebooted since without a clean close (then
 // the cache is dropped). On error inner is left open.
 func Open(ctx context.Context, inner backends.Device, c Config) (*Device, error) {
+	var err error
+	if c.mode, err = parseMode(c.Mode); err != nil {
+		return nil, err
+	}
+	if c.mode == modeOff || c.Block < minBlock || c.Block&(c.Block-1) != 0 || c.Size < c.Block || c.Dir == "" {
+		return nil, fmt.Errorf("cache: invalid configuration %+v", c)
+	}
 	if err := os.MkdirAll(c.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("option %q: %w", keyDir, err)
 	}

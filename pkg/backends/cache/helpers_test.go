@@ -140,7 +140,7 @@ func (g *gateWrites) WriteAt(ctx context.Context, p []byte, off uint64, fua bool
 func newMem(size uint64) *countDev { return &countDev{Device: memory.New(size)} }
 
 func cfg(t testing.TB, m mode, capacity, block uint64) Config {
-	return Config{mode: m, Size: capacity, Block: block, OnRead: true, Dir: t.TempDir()}
+	return Config{Mode: m.String(), Size: capacity, Block: block, OnRead: true, Dir: t.TempDir()}
 }
 
 func mustOpen(t testing.TB, inner backends.Device, c Config) *Device {

@@ -96,7 +96,9 @@ func (d *Device) read(ctx context.Context, p []byte, off, length uint64, keep bo
 		default:
 			// A miss: take the run of idle missing blocks and fetch it.
 			var run []*entry
-			for nb := b; nb<<d.shift < end && len(run) < max(1, maxRun>>d.shift); nb++ {
+			// Runs stay well under the cap so large reads are cached too.
+			limit := max(1, min(maxRun>>d.shift, d.capBlocks/4))
+			for nb := b; nb<<d.shift < end && len(run) < limit; nb++ {
 				ne := d.entries[nb]
 				if ne != nil && (ne.state != stateAbsent || ne.busy) {
 					break

@@ -349,12 +349,15 @@ func (d *Device) Zero(ctx context.Context, off, length uint64, flags backends.Ze
 	if err := d.check(off, length); err != nil {
 		return err
 	}
+	if length == 0 {
+		return nil
+	}
 	end := off + length
 	if flags&backends.ZeroFast != 0 {
 		d.mu.RLock()
 		for _, b := range []uint64{off >> d.shift, (end - 1) >> d.shift} {
 			partial := off > b<<d.shift || end < d.blockEnd(b)
-			if length > 0 && partial && d.stateLocked(b) == inOrigin {
+			if partial && d.stateLocked(b) == inOrigin {
 				d.mu.RUnlock()
 				return backends.ErrNotSupported
 			}
