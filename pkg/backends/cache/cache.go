@@ -58,7 +58,8 @@ var Filter = backends.Filter{
 		{Key: keyOnRead, Kind: backends.OptBool, Default: "true",
 			Doc: "Keep blocks fetched by read misses (false: only written blocks are cached)."},
 		{Key: keyDir, Kind: backends.OptString,
-			Doc: "Absolute directory for the cache files (default: a per-volume directory in the state directory)."},
+			Doc: "Absolute directory for the cache files (default: a directory in the state directory named after " +
+				"the backend's URL and options, so retuning filters keeps it)."},
 	},
 	Enabled: func(s backends.Spec) bool {
 		// Defaults are dropped by Parse, so any key present is a request
@@ -172,9 +173,24 @@ func wrap(ctx context.Context, s backends.Spec, env backends.Env, inner backends
 		return inner, nil // Enabled saw no option: nothing to do
 	}
 	if c.Dir == "" {
-		if c.Dir, err = env.Dir("cache", s); err != nil {
+		if c.Dir, err = env.Dir("cache", BackendSpec(s)); err != nil {
 			return nil, fmt.Errorf("option %q: %w", keyDir, err)
 		}
 	}
 	return Open(ctx, inner, c)
+}
+
+// BackendSpec is s without any filter's options: the identity of the data
+// underneath. The default cache directory is keyed by it, so retuning the
+// cache (or any other filter) finds the same directory again, and dirty
+// blocks left by a crash are written back instead of stranded.
+func BackendSpec(s backends.Spec) backends.Spec {
+	out := backends.Spec{Options: map[string]string{}, URL: s.URL}
+	b, _ := backends.LookupBackend(s.Scheme())
+	for _, o := range b.Options {
+		if v, ok := s.Options[o.Key]; ok {
+			out.Options[o.Key] = v
+		}
+	}
+	return out
 }

@@ -561,3 +561,28 @@ func TestMain(m *testing.M) {
 	}
 	os.Exit(m.Run())
 }
+
+// Retuning the cache keeps its default directory (dirty blocks left by a
+// crash must be found again); another backend gets another one.
+func TestDefaultDirKeyedByBackend(t *testing.T) {
+	env := backends.Env{StateDir: t.TempDir()}
+	dir := func(spec string) string {
+		s, err := backends.Parse(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dev, err := backends.Open(ctx, s, env)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer dev.Close()
+		return dev.(*Device).dir
+	}
+	a := dir("cache=writeback,size=1Mi;memory:a")
+	if b := dir("cache=unsafe,cache-size=8Mi,cache-block=4Ki,size=1Mi;memory:a"); b != a {
+		t.Fatalf("retuned cache moved from %s to %s", a, b)
+	}
+	if c := dir("cache=writeback,size=2Mi;memory:a"); c == a {
+		t.Fatal("another backend shares the cache directory")
+	}
+}

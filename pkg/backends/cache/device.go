@@ -153,6 +153,11 @@ func (d *Device) recover(ctx context.Context) error {
 		klog.InfoS("cache: dropping a cache left by an unclean shutdown in another boot", "dir", d.dir, "blocks", len(m))
 		m = map[uint64]uint8{}
 	}
+	if st, err := d.data.Stat(); keep && len(m) > 0 && (err != nil || uint64(st.Size()) < h.size) {
+		// The data file was lost or replaced: the map describes nothing.
+		klog.InfoS("cache: data file missing or short; dropping the cache", "dir", d.dir, "blocks", len(m))
+		keep, m = false, map[uint64]uint8{}
+	}
 	if keep {
 		var dirty []uint64
 		for b, st := range m {

@@ -50,7 +50,8 @@ var Filter = backends.Filter{
 		{Key: keyPersist, Kind: backends.OptBool, Default: "false",
 			Doc: "Keep the overlay when the volume is closed (saved at every flush) instead of discarding it."},
 		{Key: keyDir, Kind: backends.OptString,
-			Doc: "Absolute directory for the overlay files (default: a per-volume directory in the state directory)."},
+			Doc: "Absolute directory for the overlay files (default: a directory in the state directory named after " +
+				"the origin's URL and options)."},
 	},
 	Enabled: func(s backends.Spec) bool {
 		for _, k := range []string{keyCow, keyBlock, keyPersist, keyDir} {
@@ -121,9 +122,23 @@ func wrap(ctx context.Context, s backends.Spec, env backends.Env, inner backends
 		return inner, nil
 	}
 	if c.Dir == "" {
-		if c.Dir, err = env.Dir("cow", s); err != nil {
+		if c.Dir, err = env.Dir("cow", originSpec(s)); err != nil {
 			return nil, fmt.Errorf("option %q: %w", keyDir, err)
 		}
 	}
 	return Open(ctx, inner, c)
+}
+
+// originSpec is s without any filter's options: the origin's identity,
+// which keys the default overlay directory (so a persistent overlay is
+// found again whatever other filters are retuned).
+func originSpec(s backends.Spec) backends.Spec {
+	out := backends.Spec{Options: map[string]string{}, URL: s.URL}
+	b, _ := backends.LookupBackend(s.Scheme())
+	for _, o := range b.Options {
+		if v, ok := s.Options[o.Key]; ok {
+			out.Options[o.Key] = v
+		}
+	}
+	return out
 }
