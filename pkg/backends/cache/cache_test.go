@@ -2,7 +2,9 @@ package cache
 
 import (
 	"bytes"
+	"encoding/base64"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -539,19 +541,67 @@ func TestNoCacheOnRead(t *testing.T) {
 }
 
 func TestResizeForwards(t *testing.T) {
-	org := newMem(1 << 20)
-	d := mustOpen(t, org, cfg(t, modeWriteback, 1<<20, 4096))
+	// Without a Resizer underneath, the cache cannot grow either.
+	d := mustOpen(t, newMem(1<<20), cfg(t, modeWriteback, 1<<20, 4096))
+	if err := backends.Resize(ctx, d, 2<<20); !errors.Is(err, backends.ErrNotSupported) && d.Size() != 2<<20 {
+		t.Fatalf("resize over a backend without Resizer: %v", err)
+	}
+	d.Close()
+
+	// Over a growable backend: the short last block is refetched, the
+	// grown part reads zeros and takes writes that reach the backend.
+	const size = 100000 // not a block multiple
+	fd := openFileDev(t, filepath.Join(t.TempDir(), "b"), size)
+	want := pattern(size, 2)
+	fd.WriteAt(ctx, want, 0, false)
+	d = mustOpen(t, fd, cfg(t, modeWriteback, 1<<20, 16<<10))
 	defer d.Close()
-	err := backends.Resize(ctx, d, 2<<20)
-	if _, ok := org.Device.(backends.Resizer); !ok {
-		if !errors.Is(err, backends.ErrNotSupported) {
-			t.Fatalf("resize over a backend without Resizer: %v", err)
-		}
-		return
+	mustEq(t, "before", readAll(t, d, 0, size), want)
+	if err := backends.Resize(ctx, d, 3*size); err != nil {
+		t.Fatal(err)
 	}
-	if err != nil || d.Size() != 2<<20 {
-		t.Fatalf("resize: %v, size %d", err, d.Size())
+	if d.Size() != 3*size || fd.size != 3*size {
+		t.Fatalf("sizes after resize: cache %d, backend %d", d.Size(), fd.size)
 	}
+	want = append(want, make([]byte, 2*size)...)
+	mustEq(t, "after", readAll(t, d, 0, 3*size), want)
+	p := pattern(5000, 9)
+	if err := d.WriteAt(ctx, p, 2*size, false); err != nil {
+		t.Fatal(err)
+	}
+	copy(want[2*size:], p)
+	if err := d.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mustEq(t, "backend", readAll(t, fd, 0, 3*size), want)
+	if err := backends.Resize(ctx, d, size); !errors.Is(err, backends.ErrInvalid) {
+		t.Fatalf("shrink: %v, want EINVAL", err)
+	}
+}
+
+// The fixed order: cow above cache above the backend, whatever the
+// spec's order, and the stack works as one volume.
+func TestStackCowOverCacheOverData(t *testing.T) {
+	img := pattern(50000, 3)
+	s, err := backends.Parse("cow=true,cow-block=4Ki,cache=writeback,cache-block=4Ki,size=256Ki;data:;base64," +
+		base64.StdEncoding.EncodeToString(img))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, err := backends.Open(ctx, s, backends.Env{StateDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	if got := fmt.Sprintf("%T", dev); got != "*cow.Device" {
+		t.Fatalf("outermost layer %s, want *cow.Device", got)
+	}
+	want := append(img, make([]byte, 256<<10-len(img))...)
+	copy(want[1000:], "written over a read-only cached origin")
+	if err := dev.WriteAt(ctx, []byte("written over a read-only cached origin"), 1000, false); err != nil {
+		t.Fatal(err)
+	}
+	mustEq(t, "stack", readAll(t, dev, 0, 256<<10), want)
 }
 
 func TestMain(m *testing.M) {

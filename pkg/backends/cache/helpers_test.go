@@ -197,3 +197,15 @@ func (d *Device) stateOf(b uint64) uint8 {
 }
 
 func fmtState(s uint8) string { return fmt.Sprint([]string{"absent", "clean", "dirty"}[s]) }
+
+// Resize makes fileDev a backends.Resizer (growing only).
+func (d *fileDev) Resize(_ context.Context, size uint64) error {
+	if size < d.size {
+		return backends.ErrInvalid
+	}
+	if err := d.f.Truncate(int64(size)); err != nil {
+		return err
+	}
+	d.size = size
+	return nil
+}

@@ -370,3 +370,61 @@ func FuzzParseBitmap(f *testing.F) {
 		}
 	})
 }
+
+// growable is a read-only []byte origin that can grow.
+type growable struct {
+	mu sync.Mutex
+	b  []byte
+}
+
+func (g *growable) Size() uint64 { g.mu.Lock(); defer g.mu.Unlock(); return uint64(len(g.b)) }
+func (g *growable) Caps() backends.Caps {
+	return backends.Caps{ReadOnly: true}
+}
+func (g *growable) ReadAt(_ context.Context, p []byte, off uint64) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	copy(p, g.b[off:])
+	return nil
+}
+func (g *growable) WriteAt(context.Context, []byte, uint64, bool) error { return backends.ErrReadOnly }
+func (g *growable) Flush(context.Context) error                         { return nil }
+func (g *growable) Trim(context.Context, uint64, uint64, bool) error    { return backends.ErrReadOnly }
+func (g *growable) Zero(context.Context, uint64, uint64, backends.ZeroFlags) error {
+	return backends.ErrReadOnly
+}
+func (g *growable) Extents(_ context.Context, off, n uint64, add func(backends.Extent)) error {
+	add(backends.Extent{Length: n})
+	return nil
+}
+func (g *growable) Cache(context.Context, uint64, uint64) error { return nil }
+func (g *growable) Close() error                                { return nil }
+func (g *growable) Resize(_ context.Context, size uint64) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.b = append(g.b, make([]byte, size-uint64(len(g.b)))...)
+	return nil
+}
+
+func TestResizeGrowsOverlay(t *testing.T) {
+	const size = 10000
+	g := &growable{b: pattern(size, 1)}
+	d := mustOpen(t, g, Config{Block: 4096, Dir: t.TempDir()})
+	defer d.Close()
+	d.WriteAt(ctx, []byte("end"), size-3, false) // the short last block, copied up
+	if err := backends.Resize(ctx, d, 5*size); err != nil {
+		t.Fatal(err)
+	}
+	want := append(pattern(size, 1), make([]byte, 4*size)...)
+	copy(want[size-3:], "end")
+	copy(want[3*size:], "grown")
+	if err := d.WriteAt(ctx, []byte("grown"), 3*size, false); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(readAll(t, d, 0, 5*size), want) {
+		t.Fatal("grown overlay reads wrong")
+	}
+	if err := backends.Resize(ctx, d, size); !errors.Is(err, backends.ErrInvalid) {
+		t.Fatalf("shrink: %v", err)
+	}
+}
