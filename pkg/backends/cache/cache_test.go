@@ -124,7 +124,9 @@ func TestLRUEvictionUnderCap(t *testing.T) {
 	if err := syscall.Stat(filepath.Join(c.Dir, "data"), &st); err != nil {
 		t.Fatal(err)
 	}
-	if alloc := st.Blocks * 512; alloc > (capBlocks+1)*bs {
+	// 64 blocks went through; without hole punching all would be
+	// allocated. (The slack is for file systems' preallocation.)
+	if alloc := st.Blocks * 512; alloc > 2*capBlocks*bs {
 		t.Fatalf("data file holds %d bytes, cap %d: holes not punched", alloc, capBlocks*bs)
 	}
 	before := org.reads.Load()
