@@ -200,3 +200,70 @@ func TestKill9LosesNoAcknowledgedWrite(t *testing.T) {
 	}
 	check("backend after close", img)
 }
+
+// setMapHeader rewrites the boot ID and flags of the map in dir, as a map
+// written in another boot would have them.
+func setMapHeader(t *testing.T, dir string, boot [16]byte, flags uint32) {
+	t.Helper()
+	path := filepath.Join(dir, "map")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := parseHeader(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.boot, h.flags = boot, flags
+	copy(b, h.marshal())
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// crashClose abandons d as a killed process would: files closed, nothing
+// written back, the map left as it is.
+func (d *Device) crashClose() {
+	d.mu.Lock()
+	d.closed = true
+	d.mu.Unlock()
+	close(d.stop)
+	<-d.done
+	d.closeFiles()
+}
+
+// After a power loss (another boot, no clean close) the cache is dropped,
+// not trusted; after a clean close it is kept across reboots.
+func TestRebootDropsUncleanCacheKeepsCleanOne(t *testing.T) {
+	const bs = 4096
+	org := newMem(1 << 20)
+	org.Device.WriteAt(ctx, pattern(1<<20, 1), 0, false)
+	c := cfg(t, modeWriteback, 1<<20, bs)
+
+	d := mustOpen(t, org, c)
+	readAll(t, d, 0, 64*bs)                       // clean blocks
+	d.WriteAt(ctx, pattern(bs, 9), 100*bs, false) // a dirty one
+	d.crashClose()
+	setMapHeader(t, c.Dir, [16]byte{0xde, 0xad}, 0) // written in another boot
+	d = mustOpen(t, org, c)
+	if used, dirty := d.stats(); used != 0 || dirty != 0 {
+		t.Fatalf("after a reboot without a clean close: %d blocks kept, %d dirty", used, dirty)
+	}
+	mustEq(t, "backend data", readAll(t, d, 100*bs, bs), pattern(1<<20, 1)[100*bs:101*bs])
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// The same after a clean close: kept, served without the backend.
+	setMapHeader(t, c.Dir, [16]byte{0xbe, 0xef}, flagClean)
+	org2 := &countDev{Device: org.Device}
+	d = mustOpen(t, org2, c)
+	defer d.Close()
+	if used, _ := d.stats(); used == 0 {
+		t.Fatal("a cleanly closed cache was dropped after a reboot")
+	}
+	readAll(t, d, 100*bs, bs)
+	if org2.reads.Load() != 0 {
+		t.Fatal("a cleanly closed cache was not served after a reboot")
+	}
+}
