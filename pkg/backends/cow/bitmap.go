@@ -31,8 +31,8 @@ func (b bitset) grow(n uint64) bitset {
 }
 
 // The saved bitmaps: a 40-byte header (magic, block size, volume size,
-// bit count, CRC-32C of everything after the header) then the present and
-// zero bitsets as little-endian words. Written to a temporary file,
+// bit count, CRC-32C of the rest of the header and of the bits, four zero
+// bytes) then the present and zero bitsets as little-endian words. Written to a temporary file,
 // fsynced and renamed, so a crash leaves the old or the new one.
 const (
 	bitmapMagic  = "csinbdw1"
@@ -59,8 +59,14 @@ func marshalBitmap(m savedMap) []byte {
 		binary.LittleEndian.PutUint64(p[8*i:], m.present[i])
 		binary.LittleEndian.PutUint64(p[8*(words+i):], m.zero[i])
 	}
-	binary.LittleEndian.PutUint32(b[32:], crc32.Checksum(b[bitmapHeader:], crcTable))
+	binary.LittleEndian.PutUint32(b[32:], bitmapCRC(b))
 	return b
+}
+
+// bitmapCRC covers the header's fields and the bits.
+func bitmapCRC(b []byte) uint32 {
+	c := crc32.Update(0, crcTable, b[:32])
+	return crc32.Update(c, crcTable, b[bitmapHeader:])
 }
 
 func parseBitmap(b []byte) (savedMap, error) {
@@ -81,7 +87,7 @@ func parseBitmap(b []byte) (savedMap, error) {
 	if uint64(len(b)-bitmapHeader) != 16*words {
 		return m, fmt.Errorf("cow bitmap: %d bytes of bits, want %d", len(b)-bitmapHeader, 16*words)
 	}
-	if crc32.Checksum(b[bitmapHeader:], crcTable) != binary.LittleEndian.Uint32(b[32:]) {
+	if binary.LittleEndian.Uint32(b[36:]) != 0 || bitmapCRC(b) != binary.LittleEndian.Uint32(b[32:]) {
 		return m, errors.New("cow bitmap: checksum mismatch")
 	}
 	m.present, m.zero = make(bitset, words), make(bitset, words)
