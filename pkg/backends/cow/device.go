@@ -90,6 +90,9 @@ func Open(_ context.Context, origin backends.Device, c Config) (*Device, error) 
 			if m.size != d.size {
 				return nil, fmt.Errorf("the overlay in %s is for a %d-byte origin, this one has %d bytes", c.Dir, m.size, d.size)
 			}
+			if _, err := os.Stat(filepath.Join(c.Dir, "overlay")); err != nil {
+				return nil, fmt.Errorf("%s: the overlay's data file is gone: %w", c.Dir, err)
+			}
 			d.present, d.zero = m.present, m.zero
 		}
 	} else {
