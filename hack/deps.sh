@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio)
+apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio nbdkit-plugin-python python3-boto3)
 
 missing=()
 for p in "${apt_pkgs[@]}"; do
@@ -32,6 +32,8 @@ fi
 # Tests find them on PATH: hack/test.sh adds $TOOLS_CACHE/bin.
 TOOLS_CACHE=${TOOLS_CACHE:-/var/cache/csi-nbd/tools}
 go_tools=(
+  github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.6.0
+  github.com/versity/versitygw/cmd/versitygw@v1.8.0
 )
 mkdir -p "$TOOLS_CACHE/bin"
 for spec in "${go_tools[@]}"; do

@@ -85,6 +85,9 @@ func register(b Backend) error {
 		if f := filterOwning(o.Key); f != nil {
 			return fmt.Errorf("scheme %q: option %q is filter %q's", b.Scheme, o.Key, f.Name)
 		}
+		if _, common := findOption(CommonOptions, o.Key); common {
+			return fmt.Errorf("scheme %q: option %q is a common option", b.Scheme, o.Key)
+		}
 	}
 	if registry.backends == nil {
 		registry.backends = map[string]*Backend{}
@@ -129,6 +132,9 @@ func registerFilter(f Filter) error {
 			return fmt.Errorf("filter %q: option %q declared twice", f.Name, o.Key)
 		}
 		seen[o.Key] = true
+		if _, common := findOption(CommonOptions, o.Key); common {
+			return fmt.Errorf("filter %q: option %q is a common option", f.Name, o.Key)
+		}
 		if g := filterOwning(o.Key); g != nil {
 			return fmt.Errorf("filter %q: option %q is filter %q's", f.Name, o.Key, g.Name)
 		}
@@ -172,9 +178,20 @@ func lookupBackend(scheme string) (*Backend, bool) {
 	return b, ok
 }
 
-// lookupOption finds key among b's options (b may be nil) and then the
-// filters'.
+// CommonOptions are accepted with every scheme and belong to no backend or
+// filter.
+var CommonOptions = []Option{{
+	Key: "volume", Kind: OptString,
+	Doc: "Names the volume when several share one origin (an http file, an nbd export): " +
+		"it keeps their local state (cache, cow overlay, attach) apart. It does not change the data path.",
+}}
+
+// lookupOption finds key among b's options (b may be nil), the filters'
+// and the common ones.
 func lookupOption(b *Backend, key string) (Option, bool) {
+	if o, ok := findOption(CommonOptions, key); ok {
+		return o, true
+	}
 	if b != nil {
 		if o, ok := findOption(b.Options, key); ok {
 			return o, true
@@ -191,6 +208,9 @@ func lookupOption(b *Backend, key string) (Option, bool) {
 // knownKeys lists the keys valid with backend b, sorted.
 func knownKeys(b *Backend) []string {
 	var keys []string
+	for _, o := range CommonOptions {
+		keys = append(keys, o.Key)
+	}
 	for _, o := range b.Options {
 		keys = append(keys, o.Key)
 	}

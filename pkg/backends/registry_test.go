@@ -11,7 +11,7 @@ import (
 )
 
 func TestSchemes(t *testing.T) {
-	if got, want := backends.Schemes(), []string{"data", "fake", "fakereq", "memory"}; !slices.Equal(got, want) {
+	if got, want := backends.Schemes(), []string{"data", "fake", "fakereq", "memory", "s3"}; !slices.Equal(got, want) {
 		t.Errorf("Schemes() = %v; want %v", got, want)
 	}
 	b, ok := backends.LookupBackend("memory")
@@ -138,7 +138,30 @@ func TestRegisterPanics(t *testing.T) {
 			reg()
 		}()
 	}
-	if got := len(backends.Schemes()); got != 4 {
+	if got := len(backends.Schemes()); got != 5 {
 		t.Errorf("failed registrations changed Schemes: %v", backends.Schemes())
 	}
+}
+
+func TestCommonVolumeOption(t *testing.T) {
+	a := mustParse(t, "volume=pvc-1;data:,hello")
+	b := mustParse(t, "volume=pvc-2;data:,hello")
+	if a.String() == b.String() || backends.VolumeKey(a) == backends.VolumeKey(b) {
+		t.Errorf("volume= does not tell %q and %q apart", a, b)
+	}
+	dev, err := backends.Open(context.Background(), a, backends.Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	if dev.Size() != 5 {
+		t.Errorf("size %d; the volume option must not change the data", dev.Size())
+	}
+	defer func() {
+		if recover() == nil {
+			t.Error("registering a backend option named volume did not panic")
+		}
+	}()
+	backends.Register(backends.Backend{Scheme: "clashvol", Open: func(context.Context, backends.Spec, backends.Env) (backends.Device, error) { return nil, nil },
+		Options: []backends.Option{{Key: "volume", Kind: backends.OptString}}})
 }

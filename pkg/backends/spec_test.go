@@ -69,7 +69,7 @@ func TestParseErrors(t *testing.T) {
 		// The known keys include every linked filter's, so only the
 		// ends of the list are pinned.
 		{"sise=1;memory:", `spec: unknown option "sise" for scheme "memory" (known: `},
-		{"sise=1;memory:", `, size, tst-inner, tst-outer)`},
+		{"sise=1;memory:", `, size, tst-inner, tst-outer, volume)`},
 		{"count=1;memory:", `spec: unknown option "count" for scheme "memory"`},
 		{"size=1Gi,size=2Gi;memory:", `spec: duplicate option "size"`},
 		{"size=1Gi,size=1Gi;memory:", `spec: duplicate option "size"`},
@@ -79,7 +79,7 @@ func TestParseErrors(t *testing.T) {
 		{"size=1Gi,ro;memory:", `spec: option "ro" has no value (want KEY=VALUE)`},
 		{"size=1Gi", `spec: option prefix "size=1Gi" has no ';' before the URL`},
 		{"size=1Gi;", `spec: empty URL in "size=1Gi;"`},
-		{"ftp://x", `spec: unknown scheme "ftp" in "ftp://x" (known: data, fake, fakereq, memory)`},
+		{"ftp://x", `spec: unknown scheme "ftp" in "ftp://x" (known: data, fake, fakereq, memory, s3)`},
 		{"FTP://x", `spec: unknown scheme "ftp" in "FTP://x"`},
 		{"/dev/sda", `spec: no URL scheme in "/dev/sda"`},
 		{"Size=1Gi;memory:", `spec: no URL scheme in "Size=1Gi;memory:"`},

@@ -423,6 +423,11 @@ func (c *serverConn) validate(r *request) (uint32, string) {
 		return EINVAL, "zero-length request"
 	}
 	if r.off > c.size || uint64(r.length) > c.size-r.off {
+		// The device may have grown since we looked (volume expansion
+		// under a kernel attach, which has no handshake to redo).
+		c.size = c.dev.Size()
+	}
+	if r.off > c.size || uint64(r.length) > c.size-r.off {
 		if r.typ == CmdWrite || r.typ == CmdWriteZeroes {
 			return ENOSPC, "request beyond the end of the export"
 		}

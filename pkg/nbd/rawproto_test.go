@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
+	"github.com/csi-nbd/csi-nbd/pkg/backends/memory"
 )
 
 // rawGuard bounds every raw conversation so that a server bug shows up as
@@ -1259,5 +1260,32 @@ func TestRawServeTransmission(t *testing.T) {
 	<-done
 	if err := srv.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A device that grows under a running connection (expansion under a
+// kernel attach, which never renegotiates) accepts requests up to its new
+// end.
+func TestRawDeviceGrowsUnderConnection(t *testing.T) {
+	dev := memory.New(1 << 20)
+	srv, err := NewServer(ServerConfig{Exports: staticExports{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := net.Pipe()
+	go srv.ServeTransmission(context.Background(), b, &Export{Device: dev})
+	defer srv.Shutdown(context.Background())
+	r := &rawConn{t: t, c: a, br: bufio.NewReader(a), readLens: map[uint64]uint32{}}
+	_ = a.SetDeadline(time.Now().Add(rawGuard))
+	r.send(0, CmdRead, 1, 1<<20, 4096, nil)
+	if rep := r.readReply(); rep.errno != EINVAL {
+		t.Fatalf("read past the end: errno %d, want EINVAL", rep.errno)
+	}
+	if err := dev.Resize(context.Background(), 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	r.writeData(1<<20, rawPattern(4096, 7))
+	if !bytes.Equal(r.readData(1<<20, 4096), rawPattern(4096, 7)) {
+		t.Fatal("read back past the old end mismatch")
 	}
 }

@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"math/bits"
 	"path/filepath"
+	"slices"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
@@ -187,7 +188,8 @@ func wrap(ctx context.Context, s backends.Spec, env backends.Env, inner backends
 func BackendSpec(s backends.Spec) backends.Spec {
 	out := backends.Spec{Options: map[string]string{}, URL: s.URL}
 	b, _ := backends.LookupBackend(s.Scheme())
-	for _, o := range b.Options {
+	// The common options (volume=) name the volume, so they stay.
+	for _, o := range slices.Concat(backends.CommonOptions, b.Options) {
 		if v, ok := s.Options[o.Key]; ok {
 			out.Options[o.Key] = v
 		}

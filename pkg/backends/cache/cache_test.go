@@ -638,3 +638,12 @@ func TestDefaultDirKeyedByBackend(t *testing.T) {
 		t.Fatal("another backend shares the cache directory")
 	}
 }
+
+// volume= tells apart volumes sharing one origin, so their caches too.
+func TestDefaultDirKeepsVolumeOption(t *testing.T) {
+	a, _ := backends.Parse("cache=writeback,volume=pvc-1;memory:")
+	b, _ := backends.Parse("cache=writeback,volume=pvc-2;memory:")
+	if backends.VolumeKey(BackendSpec(a)) == backends.VolumeKey(BackendSpec(b)) {
+		t.Fatal("volume= dropped from the cache directory's key")
+	}
+}

@@ -12,6 +12,8 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"sync"
+	"sync/atomic"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
@@ -55,20 +57,46 @@ func volumeSize(s backends.Spec) (uint64, error) {
 
 // Device is a memory volume. It is safe for concurrent use.
 type Device struct {
-	size uint64
-	t    *table
+	size   atomic.Uint64 // grows through Resize
+	resize sync.Mutex
+	t      *table
 }
 
 // New returns an empty (all zeros) memory device of size bytes (at most
 // 2^63-1; larger sizes are cut to that). It allocates only a small index,
 // whatever the size.
 func New(size uint64) *Device {
-	return &Device{size: min(size, maxSize), t: newTable(min(size, maxSize))}
+	size = min(size, maxSize)
+	d := &Device{t: newTable(size)}
+	d.size.Store(size)
+	return d
 }
 
 var _ backends.Device = (*Device)(nil)
 
-func (d *Device) Size() uint64 { return d.size }
+func (d *Device) Size() uint64 { return d.size.Load() }
+
+var _ backends.Resizer = (*Device)(nil)
+
+// Resize grows the volume; the new tail reads as zeros (bytes past the old
+// end were never written, even in its last page). Volumes grow up to
+// 1 PiB, or their creation size if larger.
+func (d *Device) Resize(_ context.Context, size uint64) error {
+	d.resize.Lock()
+	defer d.resize.Unlock()
+	cur := d.size.Load()
+	switch {
+	case size < cur:
+		return fmt.Errorf("memory: shrinking from %s to %s: %w", backends.FormatSize(cur), backends.FormatSize(size), backends.ErrInvalid)
+	case size > d.t.capacity() || size > maxSize:
+		return fmt.Errorf("memory: growing to %s: beyond the %s a memory volume can grow to: %w",
+			backends.FormatSize(size), backends.FormatSize(min(d.t.capacity(), maxSize)), backends.ErrNotSupported)
+	}
+	// Pages first, so a whole-volume trim racing with us never skips the new tail.
+	d.t.setSize(size)
+	d.size.Store(size)
+	return nil
+}
 
 // Caps: writes are durable as soon as they return (for the life of the
 // process), so Flush and FUA are free; every connection sees one memory;
@@ -82,8 +110,8 @@ func (d *Device) Caps() backends.Caps {
 
 // check guards against ranges the server should have refused.
 func (d *Device) check(off, n uint64) error {
-	if off > d.size || n > d.size-off {
-		return fmt.Errorf("memory: range %d+%d beyond size %d: %w", off, n, d.size, backends.ErrInvalid)
+	if size := d.size.Load(); off > size || n > size-off {
+		return fmt.Errorf("memory: range %d+%d beyond size %d: %w", off, n, size, backends.ErrInvalid)
 	}
 	return nil
 }

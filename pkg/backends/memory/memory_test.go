@@ -542,3 +542,39 @@ func TestLendMatchesReadAt(t *testing.T) {
 		t.Fatal("out-of-range Lend succeeded")
 	}
 }
+
+func TestResize(t *testing.T) {
+	ctx := context.Background()
+	const size = 3*pageSize + 10
+	d := New(size)
+	full := bytes.Repeat([]byte{0xab}, size)
+	if err := d.WriteAt(ctx, full, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := backends.Resize(ctx, d, size-1); !errors.Is(err, backends.ErrInvalid) {
+		t.Errorf("shrink error = %v; want ErrInvalid", err)
+	}
+	if err := backends.Resize(ctx, d, 1<<51); !errors.Is(err, backends.ErrNotSupported) {
+		t.Errorf("grow past capacity error = %v; want ErrNotSupported", err)
+	}
+	const grown = 10 * pageSize
+	if err := backends.Resize(ctx, d, grown); err != nil {
+		t.Fatal(err)
+	}
+	if d.Size() != grown {
+		t.Fatalf("Size = %d after resize", d.Size())
+	}
+	got := make([]byte, grown)
+	if err := d.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got[:size], full) || !isZero(got[size:size+pageSize]) || !bytes.Equal(got[size+pageSize:], make([]byte, grown-size-pageSize)) {
+		t.Error("old data changed or new tail not zero")
+	}
+	if err := d.WriteAt(ctx, []byte{1}, grown-1, false); err != nil {
+		t.Errorf("write at new end: %v", err)
+	}
+	if err := d.WriteAt(ctx, []byte{1}, grown, false); !errors.Is(err, backends.ErrInvalid) {
+		t.Errorf("write past new end: %v", err)
+	}
+}

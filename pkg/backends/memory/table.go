@@ -53,17 +53,27 @@ var zeroPage page
 func isZero(b []byte) bool { return bytes.Equal(b, zeroPage[:len(b)]) }
 
 type table struct {
-	top    []atomic.Pointer[mid]
-	npages uint64 // pages in the volume; the last mid may extend past them
+	top    []atomic.Pointer[mid] // covers capacity bytes, at least the size
+	npages atomic.Uint64         // pages in the volume; the last mid may extend past them
 	locks  [stripes]stripe
 }
 
+// growRoom is how large a volume can grow without rebuilding top: top
+// is sized for at least this much (2 KiB of pointers), so a resize only
+// moves the end.
+const growRoom = 1 << 50
+
 func newTable(size uint64) *table {
-	return &table{
-		top:    make([]atomic.Pointer[mid], (size+midBytes-1)/midBytes),
-		npages: (size + pageSize - 1) / pageSize,
-	}
+	capacity := max(size, growRoom)
+	t := &table{top: make([]atomic.Pointer[mid], (capacity+midBytes-1)/midBytes)}
+	t.setSize(size)
+	return t
 }
+
+// capacity is the largest size the table can hold.
+func (t *table) capacity() uint64 { return uint64(len(t.top)) * midBytes }
+
+func (t *table) setSize(size uint64) { t.npages.Store((size + pageSize - 1) / pageSize) }
 
 func (t *table) lock(pi uint64) *stripe { return &t.locks[pi%stripes] }
 
@@ -178,7 +188,7 @@ func (t *table) zeroPart(pi, po, n uint64) {
 // range covers them. A write racing with the free may be lost, which is
 // fine: the two overlap, so either order is a valid outcome.
 func (t *table) free(pi, end uint64) {
-	if end >= t.npages {
+	if end >= t.npages.Load() {
 		// Through the end of the volume: the tables' unused tail counts
 		// as covered, so a whole-volume trim frees every table.
 		end = uint64(len(t.top)) << (leafShift + midShift)
