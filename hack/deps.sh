@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio nbdkit-plugin-python python3-boto3)
+apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio nbdkit-plugin-python python3-boto3 nginx)
 
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -7,6 +7,7 @@ import (
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/cache"  // cache= filter: local-disk block cache
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/cow"    // cow= filter: copy-on-write overlay
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/data"   // data: URIs
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/http"   // http(s) origins, read-only
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/memory" // sparse RAM disks
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/s3"     // volumes in S3 buckets
 )

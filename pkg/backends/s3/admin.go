@@ -104,6 +104,23 @@ func deleteAll(ctx context.Context, b *bucket, parallel int, keys []string) erro
 	return g.Wait()
 }
 
+// Exists reports whether the volume's metadata object is there (a missing
+// bucket means no volume).
+func Exists(ctx context.Context, spec backends.Spec, env backends.Env) (bool, error) {
+	_, b, err := admin(ctx, spec, env)
+	if err != nil {
+		return false, err
+	}
+	_, _, err = b.readMeta(ctx)
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, ErrNotFound), errors.Is(err, ErrNoBucket):
+		return false, nil
+	}
+	return false, err
+}
+
 // Expand grows the volume's metadata to newSize. A volume already that
 // large is success; shrinking is refused (EINVAL). Devices open on it
 // take the new size through backends.Resize.

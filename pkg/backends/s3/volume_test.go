@@ -557,11 +557,17 @@ func TestAdminLifecycle(t *testing.T) {
 	ctx := context.Background()
 	env := g.env("controller")
 	spec := g.spec("pvc-1", "size=1Mi,chunk=64Ki")
+	if ok, err := Exists(ctx, spec, env); ok || err != nil {
+		t.Fatalf("Exists before create = %v, %v", ok, err)
+	}
 	if err := Create(ctx, spec, env); err != nil {
 		t.Fatal(err)
 	}
 	if err := Create(ctx, spec, env); err != nil {
 		t.Fatalf("create again: %v", err)
+	}
+	if ok, err := Exists(ctx, spec, env); !ok || err != nil {
+		t.Fatalf("Exists after create = %v, %v", ok, err)
 	}
 	if err := Create(ctx, g.spec("pvc-1", "size=2Mi,chunk=64Ki"), env); !errors.Is(err, ErrExists) {
 		t.Fatalf("create with another size: %v", err)
@@ -656,6 +662,9 @@ func TestAdminLifecycle(t *testing.T) {
 	}
 	if err := Expand(ctx, spec, env, 8<<20); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("expand a deleted volume: %v", err)
+	}
+	if ok, err := Exists(ctx, spec, env); ok || err != nil {
+		t.Fatalf("Exists after delete = %v, %v", ok, err)
 	}
 }
 
