@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# csi-nbd's cache and cow filters side by side with nbdkit's, over the same
-# slow origin: a memory volume that waits DELAY_MS (default 5) before every
-# read and write (nbdkit: --filter=delay memory; csi-nbd: the test-only
-# slowmem: backend, which sleeps the same way, until csi-nbd has an nbd:
-# backend to use nbdkit's delayed origin itself). One run, same clients
-# (fio's nbd engine), each figure measured for csi-nbd then nbdkit.
+# csi-nbd's cache and cow filters side by side with nbdkit's, in one run,
+# with the same client (fio's nbd engine, 4k requests, unix sockets):
+#
+# 1. One slow HTTP origin for both (a Go server answering ranges after
+#    DELAY_MS, default 5, per request): `csi-nbd serve` with its http
+#    backend vs nbdkit's curl plugin, bare, under cache=writeback and under
+#    cow. Read-only origin, so this is the read cache and the overlay.
+# 2. Writes through cache=writeback over a memory origin that waits DELAY_MS
+#    per read and write: nbdkit `--filter=cache --filter=delay memory` vs the
+#    test-only slowmem: backend (memory plus the same sleep).
 #
 #   hack/bench-filters-cache-cow.sh
 #   ROUNDS=3 RUNTIME=10 hack/bench-filters-cache-cow.sh
 #
 # Prints each figure for both and the ratio csi-nbd/nbdkit, then the cache
-# hit speedup over the bare origin (the issue's target: >= 20x).
+# hit speedup over the bare origin (the issue's target: >= 20x). Each round
+# starts cold on both sides: nbdkit's filtered servers are new processes,
+# ours new volumes with new directories.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$PATH:/usr/local/go/bin
@@ -19,38 +25,60 @@ ROUNDS=${ROUNDS:-1}
 RUNTIME=${RUNTIME:-5}
 MIB=${MIB:-64}       # volume size
 DELAY_MS=${DELAY_MS:-5}
+PORT=${PORT:-10931}  # the HTTP origin, on 127.0.0.1
 for t in nbdkit fio python3 go; do
   command -v "$t" >/dev/null || { echo "missing $t (run hack/deps.sh)" >&2; exit 1; }
 done
+[ -e /usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-curl-plugin.so ] || nbdkit curl --dump-plugin >/dev/null 2>&1 ||
+  { echo "missing nbdkit's curl plugin" >&2; exit 1; }
 
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
+go build -o "$work/csi-nbd" ./cmd/csi-nbd
 go test -c -o "$work/cachetest" ./pkg/backends/cache
-mkdir -p "$work/state"
+mkdir -p "$work/state" "$work/state-http"
+url="http://127.0.0.1:$PORT/disk.img"
+
+# The helper: the slow HTTP origin and an NBD server for slowmem: specs.
 CSI_NBD_BENCH_SOCK="$work/csi.sock" CSI_NBD_BENCH_STATE="$work/state" \
-  "$work/cachetest" -test.run '^TestServeForBenchmark$' >"$work/csi.log" 2>&1 &
-pids+=($!)
-delay="delay-read=${DELAY_MS}ms delay-write=${DELAY_MS}ms"
-# nbdkit: filters listed first sit outermost, so cache/cow are above delay.
-nbdkit -f -U "$work/kit-origin.sock" --filter=delay memory "${MIB}M" $delay >"$work/kit1.log" 2>&1 &
+  CSI_NBD_BENCH_HTTP="127.0.0.1:$PORT" CSI_NBD_BENCH_MIB="$MIB" CSI_NBD_BENCH_DELAY="${DELAY_MS}ms" \
+  "$work/cachetest" -test.run '^TestServeForBenchmark$' >"$work/helper.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 300); do
-  [ -S "$work/csi.sock" ] && [ -S "$work/kit-origin.sock" ] && break
+  [ -S "$work/csi.sock" ] && python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT), 1)" 2>/dev/null && break
   sleep 0.1
 done
-# nbdkit's cache and cow run as new processes every round, so each round
-# starts cold on both sides (ours: a new volume and directory per round).
+
+"$work/csi-nbd" serve --listen "unix://$work/csi-http.sock" --allow '*' --state-dir "$work/state-http" "$url" \
+  >"$work/csi-http.log" 2>&1 &
+pids+=($!)
+delay="delay-read=${DELAY_MS}ms delay-write=${DELAY_MS}ms"
+nbdkit -f -U "$work/kit-http.sock" curl "url=$url" >"$work/kit-http.log" 2>&1 &
+pids+=($!)
+nbdkit -f -U "$work/kit-mem.sock" --filter=delay memory "${MIB}M" $delay >"$work/kit-mem.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 300); do
+  [ -S "$work/csi-http.sock" ] && [ -S "$work/kit-http.sock" ] && [ -S "$work/kit-mem.sock" ] && break
+  sleep 0.1
+done
+
+# nbdkit's filtered servers, new every round. Filters listed first sit
+# outermost: cache and cow above curl/delay.
 kit_round() { # round
-  nbdkit -f -U "$work/kit-cache-$1.sock" --filter=cache --filter=delay memory "${MIB}M" $delay \
-    cache=writeback cache-on-read=true >"$work/kit2.log" 2>&1 &
+  local r=$1
+  nbdkit -f -U "$work/kit-http-cache-$r.sock" --filter=cache curl "url=$url" cache=writeback cache-on-read=true \
+    >"$work/kit.log" 2>&1 &
   pids+=($!)
-  nbdkit -f -U "$work/kit-cow-$1.sock" --filter=cow --filter=delay memory "${MIB}M" $delay >"$work/kit3.log" 2>&1 &
+  nbdkit -f -U "$work/kit-http-cow-$r.sock" --filter=cow curl "url=$url" >>"$work/kit.log" 2>&1 &
+  pids+=($!)
+  nbdkit -f -U "$work/kit-mem-cache-$r.sock" --filter=cache --filter=delay memory "${MIB}M" $delay \
+    cache=writeback cache-on-read=true >>"$work/kit.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 300); do
-    [ -S "$work/kit-cache-$1.sock" ] && [ -S "$work/kit-cow-$1.sock" ] && return
+    [ -S "$work/kit-http-cache-$r.sock" ] && [ -S "$work/kit-http-cow-$r.sock" ] && [ -S "$work/kit-mem-cache-$r.sock" ] && return
     sleep 0.1
   done
   echo "nbdkit did not start" >&2
@@ -58,22 +86,24 @@ kit_round() { # round
 }
 
 quote() { python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$1"; }
-origin="size=${MIB}Mi,delay=${DELAY_MS}ms;slowmem:"
 uri() { # side stack round
+  local r=$3
   case "$1/$2" in
-    csi/origin) echo "nbd+unix:///$(quote "$origin")?socket=$work/csi.sock" ;;
-    # A fresh volume per round (the name only tells volumes apart).
-    csi/cache) echo "nbd+unix:///$(quote "cache=writeback,cache-dir=$work/state/c$3,size=${MIB}Mi,delay=${DELAY_MS}ms;slowmem:")?socket=$work/csi.sock" ;;
-    csi/cow) echo "nbd+unix:///$(quote "cow=true,cow-dir=$work/state/w$3,size=${MIB}Mi,delay=${DELAY_MS}ms;slowmem:")?socket=$work/csi.sock" ;;
-    kit/origin) echo "nbd+unix:///?socket=$work/kit-origin.sock" ;;
-    kit/*) echo "nbd+unix:///?socket=$work/kit-$2-$3.sock" ;;
+    csi/http) echo "nbd+unix:///?socket=$work/csi-http.sock" ;;
+    # volume= makes a new volume (and cache/overlay directory) per round.
+    csi/http-cache) echo "nbd+unix:///$(quote "cache=writeback,volume=r$r;$url")?socket=$work/csi-http.sock" ;;
+    csi/http-cow) echo "nbd+unix:///$(quote "cow=true,volume=r$r;$url")?socket=$work/csi-http.sock" ;;
+    csi/mem) echo "nbd+unix:///$(quote "size=${MIB}Mi,delay=${DELAY_MS}ms;slowmem:")?socket=$work/csi.sock" ;;
+    csi/mem-cache) echo "nbd+unix:///$(quote "cache=writeback,volume=r$r,size=${MIB}Mi,delay=${DELAY_MS}ms;slowmem:")?socket=$work/csi.sock" ;;
+    kit/http | kit/mem) echo "nbd+unix:///?socket=$work/kit-$2.sock" ;;
+    kit/*) echo "nbd+unix:///?socket=$work/kit-$2-$r.sock" ;;
   esac
 }
 
 # fio with the nbd engine; prints "iops p50_us p99_us".
-fio_run() { # rw bs depth uri [runtime]
+fio_run() { # rw bs depth uri
   fio --name=b --ioengine=nbd --uri="$4" --rw="$1" --bs="$2" --iodepth="$3" \
-    --size="${MIB}M" --time_based --runtime="${5:-$RUNTIME}" --group_reporting \
+    --size="${MIB}M" --time_based --runtime="$RUNTIME" --group_reporting \
     --output-format=json --output="$work/fio.json" >"$work/fio.err" 2>&1 || { cat "$work/fio.err" >&2; return 1; }
   python3 - "$work/fio.json" "$1" <<'PY'
 import json, sys
@@ -91,7 +121,7 @@ ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); pri
 
 declare -A C K
 measure() { # key side stack round rw bs depth
-  local key=$1 side=$2 stack=$3 r=$4
+  local key=$1 side=$2 stack=$3 r=$4 i p50 p99
   read -r i p50 p99 < <(fio_run "$5" "$6" "$7" "$(uri "$side" "$stack" "$r")")
   if [ "$side" = csi ]; then C[$key]+="$i "; C[$key.p50]+="$p50 "; else K[$key]+="$i "; K[$key.p50]+="$p50 "; fi
 }
@@ -99,33 +129,36 @@ measure() { # key side stack round rw bs depth
 for r in $(seq "$ROUNDS"); do
   kit_round "$r"
   for side in csi kit; do
-    measure origin-read $side origin "$r" randread 4k 1
-    measure origin-write $side origin "$r" randwrite 4k 1
-    warm "$(uri $side cache "$r")"
-    measure cache-read-1 $side cache "$r" randread 4k 1
-    measure cache-read-32 $side cache "$r" randread 4k 32
-    measure cache-write-1 $side cache "$r" randwrite 4k 1
-    measure cow-write-1 $side cow "$r" randwrite 4k 1
-    measure cow-read-1 $side cow "$r" randread 4k 1
+    measure http-read $side http "$r" randread 4k 1
+    warm "$(uri $side http-cache "$r")"
+    measure http-cache-read-1 $side http-cache "$r" randread 4k 1
+    measure http-cache-read-32 $side http-cache "$r" randread 4k 32
+    measure http-cow-write $side http-cow "$r" randwrite 4k 1
+    measure http-cow-read $side http-cow "$r" randread 4k 1
+    measure mem-write $side mem "$r" randwrite 4k 1
+    warm "$(uri $side mem-cache "$r")"
+    measure mem-cache-write $side mem-cache "$r" randwrite 4k 1
   done
 done
 
-printf '%-52s %10s %10s %8s\n' "fio 4k, ${DELAY_MS} ms origin (median of $ROUNDS)" csi-nbd nbdkit ratio
+printf '%-58s %9s %9s %7s\n' "fio 4k, ${DELAY_MS} ms per origin request (median of $ROUNDS)" csi-nbd nbdkit ratio
 row() { # label key
   local c k
   c=$(median ${C[$2]}); k=$(median ${K[$2]})
-  printf '%-52s %10s %10s %8s\n' "$1" "$c" "$k" "$(ratio "$c" "$k")"
+  printf '%-58s %9s %9s %7s\n' "$1" "$c" "$k" "$(ratio "$c" "$k")"
 }
-row "origin randread depth 1 (IOPS)" origin-read
-row "origin randwrite depth 1 (IOPS)" origin-write
-row "cache=writeback warm randread depth 1 (IOPS)" cache-read-1
-row "cache=writeback warm randread depth 1 p50 (us)" cache-read-1.p50
-row "cache=writeback warm randread depth 32 (IOPS)" cache-read-32
-row "cache=writeback randwrite depth 1 (IOPS)" cache-write-1
-row "cow randwrite depth 1, fresh overlay (IOPS)" cow-write-1
-row "cow randread depth 1 after it (IOPS)" cow-read-1
+echo "HTTP origin (csi-nbd http backend | nbdkit curl plugin):"
+row "  bare origin, randread depth 1 (IOPS)" http-read
+row "  cache=writeback, warm randread depth 1 (IOPS)" http-cache-read-1
+row "  cache=writeback, warm randread depth 1 p50 (us)" http-cache-read-1.p50
+row "  cache=writeback, warm randread depth 32 (IOPS)" http-cache-read-32
+row "  cow, randwrite depth 1 on a fresh overlay (IOPS)" http-cow-write
+row "  cow, randread depth 1 after it (IOPS)" http-cow-read
+echo "memory origin with the delay (csi-nbd slowmem: | nbdkit delay filter):"
+row "  bare origin, randwrite depth 1 (IOPS)" mem-write
+row "  cache=writeback, randwrite depth 1 (IOPS)" mem-cache-write
 echo
-echo "cache hit speedup over the bare origin (randread depth 1; target >= 20x):"
+echo "cache hit speedup over the bare HTTP origin (randread depth 1; target >= 20x):"
 printf '  csi-nbd %s   nbdkit %s\n' \
-  "$(ratio "$(median ${C[cache-read-1]})" "$(median ${C[origin-read]})")" \
-  "$(ratio "$(median ${K[cache-read-1]})" "$(median ${K[origin-read]})")"
+  "$(ratio "$(median ${C[http-cache-read-1]})" "$(median ${C[http-read]})")" \
+  "$(ratio "$(median ${K[http-cache-read-1]})" "$(median ${K[http-read]})")"

@@ -1,11 +1,15 @@
 package cache
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -54,8 +58,9 @@ func (anySpec) List(context.Context) []nbd.ExportInfo { return nil }
 
 // TestServeForBenchmark serves every spec (export name) over slowmem: and
 // the registered filters on the unix socket $CSI_NBD_BENCH_SOCK until
-// SIGTERM. It is the benchmark script's server, not a test: without the
-// variable it skips.
+// SIGTERM, and with $CSI_NBD_BENCH_HTTP=ADDR a slow HTTP origin there too.
+// It is the benchmark script's server, not a test: without the variable it
+// skips.
 func TestServeForBenchmark(t *testing.T) {
 	sock := os.Getenv("CSI_NBD_BENCH_SOCK")
 	if sock == "" {
@@ -73,6 +78,9 @@ func TestServeForBenchmark(t *testing.T) {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if addr := os.Getenv("CSI_NBD_BENCH_HTTP"); addr != "" {
+		go serveSlowHTTP(t, addr)
+	}
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -80,4 +88,30 @@ func TestServeForBenchmark(t *testing.T) {
 		srv.Shutdown(sctx)
 	}()
 	srv.Serve(ctx, ln)
+}
+
+// serveSlowHTTP serves /disk.img ($CSI_NBD_BENCH_MIB MiB of random bytes,
+// a strong ETag, ranges) on addr, sleeping $CSI_NBD_BENCH_DELAY before
+// every request: one origin both csi-nbd's http backend and nbdkit's curl
+// plugin read.
+func serveSlowHTTP(t *testing.T, addr string) {
+	mib, _ := strconv.Atoi(os.Getenv("CSI_NBD_BENCH_MIB"))
+	delay, _ := time.ParseDuration(os.Getenv("CSI_NBD_BENCH_DELAY"))
+	img := make([]byte, max(mib, 1)<<20)
+	r := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i+8 <= len(img); i += 8 {
+		v := r.Uint64()
+		for j := range 8 {
+			img[i+j] = byte(v >> (8 * j))
+		}
+	}
+	mtime := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(delay)
+		w.Header().Set("ETag", `"bench"`)
+		http.ServeContent(w, r, "disk.img", mtime, bytes.NewReader(img))
+	})
+	if err := http.ListenAndServe(addr, h); err != nil {
+		t.Error(err)
+	}
 }
