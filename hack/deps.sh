@@ -33,6 +33,8 @@ fi
 TOOLS_CACHE=${TOOLS_CACHE:-/var/cache/csi-nbd/tools}
 go_tools=(
   github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.6.0
+  helm.sh/helm/v3/cmd/helm@v3.22.0
+  github.com/yannh/kubeconform/cmd/kubeconform@v0.8.0
   github.com/versity/versitygw/cmd/versitygw@v1.8.0
 )
 mkdir -p "$TOOLS_CACHE/bin"
@@ -45,3 +47,6 @@ for spec in "${go_tools[@]}"; do
     mkdir -p "$TOOLS_CACHE/stamps" && touch "$stamp"
   fi
 done
+
+# etcd and kube-apiserver for the tests that need a real API server (test/helm).
+hack/kube-testenv.sh >/dev/null

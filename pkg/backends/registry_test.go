@@ -112,6 +112,8 @@ func TestRegisterPanics(t *testing.T) {
 	for name, reg := range map[string]func(){
 		"duplicate scheme": func() { backends.Register(backends.Backend{Scheme: "memory", Open: nop}) },
 		"bad scheme":       func() { backends.Register(backends.Backend{Scheme: "Bad", Open: nop}) },
+		"bad scheme char":  func() { backends.Register(backends.Backend{Scheme: "a_b", Open: nop}) },
+		"bad scheme start": func() { backends.Register(backends.Backend{Scheme: "+a", Open: nop}) },
 		"nil open":         func() { backends.Register(backends.Backend{Scheme: "nilopen"}) },
 		"non-canonical default": func() {
 			backends.Register(backends.Backend{Scheme: "badd", Open: nop,

@@ -281,3 +281,33 @@ func (s Spec) Duration(key string) (time.Duration, bool) {
 	d, err := parseDuration(v)
 	return d, err == nil
 }
+
+// Redacted is s's canonical form for logs and errors: user info in a URL
+// is dropped, and so is an http(s) URL's query, which for a presigned URL
+// is a credential.
+func (s Spec) Redacted() string {
+	r := Spec{Options: s.Options, URL: redactURL(s.URL)}
+	return r.String()
+}
+
+func redactURL(u string) string {
+	i := strings.Index(u, "://")
+	if i < 0 {
+		return u
+	}
+	scheme := strings.ToLower(u[:i])
+	rest := u[i+3:]
+	end := strings.IndexAny(rest, "/?#")
+	if end < 0 {
+		end = len(rest)
+	}
+	if at := strings.LastIndexByte(rest[:end], '@'); at >= 0 {
+		rest = rest[at+1:]
+	}
+	if scheme == "http" || scheme == "https" {
+		if q := strings.IndexAny(rest, "?#"); q >= 0 {
+			rest = rest[:q] + "?…"
+		}
+	}
+	return u[:i+3] + rest
+}

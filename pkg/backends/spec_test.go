@@ -228,3 +228,20 @@ func FuzzParseSpec(f *testing.F) {
 		}
 	})
 }
+
+func TestRedacted(t *testing.T) {
+	for in, want := range map[string]string{
+		"size=1Ki;memory:x":            "size=1Ki;memory:x",
+		"data:,a?b":                    "data:,a?b",
+		"fake://h/f.iso?X-Amz-Sig=abc": "fake://h/f.iso?X-Amz-Sig=abc",
+		"fake://user:pw@h:80/f":        "fake://h:80/f",
+	} {
+		s, err := backends.Parse(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := s.Redacted(); got != want {
+			t.Errorf("Redacted(%q) = %q; want %q", in, got, want)
+		}
+	}
+}

@@ -4,10 +4,12 @@
 package all
 
 import (
-	_ "github.com/csi-nbd/csi-nbd/pkg/backends/cache"  // cache= filter: local-disk block cache
-	_ "github.com/csi-nbd/csi-nbd/pkg/backends/cow"    // cow= filter: copy-on-write overlay
-	_ "github.com/csi-nbd/csi-nbd/pkg/backends/data"   // data: URIs
-	_ "github.com/csi-nbd/csi-nbd/pkg/backends/http"   // http(s) origins, read-only
-	_ "github.com/csi-nbd/csi-nbd/pkg/backends/memory" // sparse RAM disks
-	_ "github.com/csi-nbd/csi-nbd/pkg/backends/s3"     // volumes in S3 buckets
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/cache"     // cache= filter: local-disk block cache
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/cow"       // cow= filter: copy-on-write overlay
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/data"      // data: URIs
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/file"      // file:///path: local files and block devices
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/http"      // http(s) origins, read-only
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/memory"    // sparse RAM disks
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/nbdremote" // nbd://, nbds://, nbd+unix://: other NBD servers
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/s3"        // volumes in S3 buckets
 )
