@@ -6,9 +6,10 @@
 #    DELAY_MS, default 5, per request): `csi-nbd serve` with its http
 #    backend vs nbdkit's curl plugin, bare, under cache=writeback and under
 #    cow. Read-only origin, so this is the read cache and the overlay.
-# 2. Writes through cache=writeback over a memory origin that waits DELAY_MS
-#    per read and write: nbdkit `--filter=cache --filter=delay memory` vs the
-#    test-only slowmem: backend (memory plus the same sleep).
+# 2. Writes through cache=writeback over one nbdkit `--filter=delay memory`
+#    origin (DELAY_MS per read and write): csi-nbd reaches it with its nbd
+#    backend, nbdkit stacks `--filter=cache` on the same plugin and delay
+#    filter in its own process.
 #
 #   hack/bench-filters-cache-cow.sh
 #   ROUNDS=3 RUNTIME=10 hack/bench-filters-cache-cow.sh
@@ -39,31 +40,30 @@ trap cleanup EXIT
 
 go build -o "$work/csi-nbd" ./cmd/csi-nbd
 go test -c -o "$work/cachetest" ./pkg/backends/cache
-mkdir -p "$work/state" "$work/state-http"
+mkdir -p "$work/state"
 url="http://127.0.0.1:$PORT/disk.img"
+delay="delay-read=${DELAY_MS}ms delay-write=${DELAY_MS}ms"
 
-# The helper: the slow HTTP origin and an NBD server for slowmem: specs.
-CSI_NBD_BENCH_SOCK="$work/csi.sock" CSI_NBD_BENCH_STATE="$work/state" \
-  CSI_NBD_BENCH_HTTP="127.0.0.1:$PORT" CSI_NBD_BENCH_MIB="$MIB" CSI_NBD_BENCH_DELAY="${DELAY_MS}ms" \
-  "$work/cachetest" -test.run '^TestServeForBenchmark$' >"$work/helper.log" 2>&1 &
+CSI_NBD_BENCH_HTTP="127.0.0.1:$PORT" CSI_NBD_BENCH_MIB="$MIB" CSI_NBD_BENCH_DELAY="${DELAY_MS}ms" \
+  "$work/cachetest" -test.run '^TestServeSlowHTTPForBenchmark$' >"$work/origin.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 300); do
-  [ -S "$work/csi.sock" ] && python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT), 1)" 2>/dev/null && break
+  python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT), 1)" 2>/dev/null && break
   sleep 0.1
 done
-
-"$work/csi-nbd" serve --listen "unix://$work/csi-http.sock" --allow '*' --state-dir "$work/state-http" "$url" \
-  >"$work/csi-http.log" 2>&1 &
-pids+=($!)
-delay="delay-read=${DELAY_MS}ms delay-write=${DELAY_MS}ms"
-nbdkit -f -U "$work/kit-http.sock" curl "url=$url" >"$work/kit-http.log" 2>&1 &
-pids+=($!)
 nbdkit -f -U "$work/kit-mem.sock" --filter=delay memory "${MIB}M" $delay >"$work/kit-mem.log" 2>&1 &
 pids+=($!)
+nbdkit -f -U "$work/kit-http.sock" curl "url=$url" >"$work/kit-http.log" 2>&1 &
+pids+=($!)
+# Ours: the bare HTTP origin by default, any other spec by export name.
+"$work/csi-nbd" serve --listen "unix://$work/csi.sock" --allow '*' --state-dir "$work/state" "$url" \
+  >"$work/csi.log" 2>&1 &
+pids+=($!)
 for _ in $(seq 300); do
-  [ -S "$work/csi-http.sock" ] && [ -S "$work/kit-http.sock" ] && [ -S "$work/kit-mem.sock" ] && break
+  [ -S "$work/csi.sock" ] && [ -S "$work/kit-http.sock" ] && [ -S "$work/kit-mem.sock" ] && break
   sleep 0.1
 done
+[ -S "$work/csi.sock" ] || { cat "$work/csi.log" >&2; exit 1; }
 
 # nbdkit's filtered servers, new every round. Filters listed first sit
 # outermost: cache and cow above curl/delay.
@@ -86,15 +86,16 @@ kit_round() { # round
 }
 
 quote() { python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$1"; }
+memorigin="nbd+unix:///?socket=$work/kit-mem.sock"
 uri() { # side stack round
   local r=$3
   case "$1/$2" in
-    csi/http) echo "nbd+unix:///?socket=$work/csi-http.sock" ;;
+    csi/http) echo "nbd+unix:///?socket=$work/csi.sock" ;;
     # volume= makes a new volume (and cache/overlay directory) per round.
-    csi/http-cache) echo "nbd+unix:///$(quote "cache=writeback,volume=r$r;$url")?socket=$work/csi-http.sock" ;;
-    csi/http-cow) echo "nbd+unix:///$(quote "cow=true,volume=r$r;$url")?socket=$work/csi-http.sock" ;;
-    csi/mem) echo "nbd+unix:///$(quote "size=${MIB}Mi,delay=${DELAY_MS}ms;slowmem:")?socket=$work/csi.sock" ;;
-    csi/mem-cache) echo "nbd+unix:///$(quote "cache=writeback,volume=r$r,size=${MIB}Mi,delay=${DELAY_MS}ms;slowmem:")?socket=$work/csi.sock" ;;
+    csi/http-cache) echo "nbd+unix:///$(quote "cache=writeback,volume=r$r;$url")?socket=$work/csi.sock" ;;
+    csi/http-cow) echo "nbd+unix:///$(quote "cow=true,volume=r$r;$url")?socket=$work/csi.sock" ;;
+    csi/mem) echo "nbd+unix:///$(quote "$memorigin")?socket=$work/csi.sock" ;;
+    csi/mem-cache) echo "nbd+unix:///$(quote "cache=writeback,volume=r$r;$memorigin")?socket=$work/csi.sock" ;;
     kit/http | kit/mem) echo "nbd+unix:///?socket=$work/kit-$2.sock" ;;
     kit/*) echo "nbd+unix:///?socket=$work/kit-$2-$r.sock" ;;
   esac
@@ -154,7 +155,7 @@ row "  cache=writeback, warm randread depth 1 p50 (us)" http-cache-read-1.p50
 row "  cache=writeback, warm randread depth 32 (IOPS)" http-cache-read-32
 row "  cow, randwrite depth 1 on a fresh overlay (IOPS)" http-cow-write
 row "  cow, randread depth 1 after it (IOPS)" http-cow-read
-echo "memory origin with the delay (csi-nbd slowmem: | nbdkit delay filter):"
+echo "nbdkit delay+memory origin (csi-nbd nbd backend to it | nbdkit filter on it):"
 row "  bare origin, randwrite depth 1 (IOPS)" mem-write
 row "  cache=writeback, randwrite depth 1 (IOPS)" mem-cache-write
 echo
