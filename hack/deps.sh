@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio nbdkit-plugin-python python3-boto3 nginx)
+# NBD peers and oracles; servers for the remote backends; what the attach
+# tests and the VM image need (mkfs, losetup, fstrim, busybox).
+apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio nbdkit-plugin-python python3-boto3
+  nginx busybox-static e2fsprogs xfsprogs mount util-linux cpio)
 
 missing=()
 for p in "${apt_pkgs[@]}"; do

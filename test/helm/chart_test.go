@@ -416,12 +416,13 @@ func TestDefaults(t *testing.T) {
 		r.get(t, "VolumeAttributesClass", n)
 	}
 
-	// The node plugin reads PVs and PVCs and writes Events, nothing else.
+	// The node plugin reads PVs, PVCs and VolumeAttributesClasses and
+	// writes Events, nothing else.
 	node_ := r.get(t, "ClusterRole", "csi-nbd-node").(*rbacv1.ClusterRole)
 	for _, rule := range node_.Rules {
 		for _, res := range rule.Resources {
 			for _, v := range rule.Verbs {
-				ok := (res == "persistentvolumes" || res == "persistentvolumeclaims") && slices.Contains([]string{"get", "list", "watch"}, v) ||
+				ok := (res == "persistentvolumes" || res == "persistentvolumeclaims" || res == "volumeattributesclasses") && slices.Contains([]string{"get", "list", "watch"}, v) ||
 					res == "events" && (v == "create" || v == "patch")
 				if !ok {
 					t.Errorf("node ClusterRole grants %s %s", v, res)

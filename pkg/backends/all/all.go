@@ -11,5 +11,7 @@ import (
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/http"      // http(s) origins, read-only
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/memory"    // sparse RAM disks
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/nbdremote" // nbd://, nbds://, nbd+unix://: other NBD servers
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/rate"      // rate filter: per-volume QoS
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/readahead" // readahead filter
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/s3"        // volumes in S3 buckets
 )
