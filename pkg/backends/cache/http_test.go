@@ -12,6 +12,7 @@ import (
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/cow"
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/http"
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/readahead"
 )
 
 // slowOrigin is an HTTP server on 127.0.0.1 holding img, answering ranges
@@ -101,5 +102,24 @@ func TestCowOverCachedHTTPOrigin(t *testing.T) {
 	readAll(t, dev, 0, 2<<20)
 	if n := requests.Load() - before; n != 0 {
 		t.Fatalf("re-reading made %d origin requests", n)
+	}
+}
+
+// The stack readahead uses (it prefetches with Cache calls into the cache
+// below): a sequential pass reads right while prefetches and foreground
+// misses race for the same blocks, and a second pass needs no origin
+// request.
+func TestReadaheadOverCacheStack(t *testing.T) {
+	img := pattern(8<<20, 7)
+	url, requests := slowOrigin(t, img, time.Millisecond)
+	dev := openSpec(t, "cache=writeback,readahead=true;"+url, backends.Env{StateDir: t.TempDir()})
+	defer dev.Close()
+	for off := uint64(0); off < 8<<20; off += 128 << 10 {
+		mustEq(t, "sequential", readAll(t, dev, off, 128<<10), img[off:off+128<<10])
+	}
+	before := requests.Load()
+	mustEq(t, "again", readAll(t, dev, 0, 8<<20), img)
+	if n := requests.Load() - before; n != 0 {
+		t.Fatalf("second pass made %d origin requests", n)
 	}
 }
