@@ -4,6 +4,8 @@
 package all
 
 import (
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/cache"     // cache= filter: local-disk block cache
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/cow"       // cow= filter: copy-on-write overlay
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/data"      // data: URIs
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/file"      // file:///path: local files and block devices
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/http"      // http(s) origins, read-only
