@@ -41,6 +41,10 @@ type Filter struct {
 	// Enabled says whether spec s turns the filter on. If nil, the filter
 	// is on when any of its options is set to a non-default value.
 	Enabled func(s Spec) bool
+	// Validate, if set, checks an enabled filter's options beyond their
+	// kinds when a spec is parsed, so bad volumes are refused at
+	// creation; Wrap must still check everything itself.
+	Validate func(s Spec) error
 	// Wrap returns inner wrapped by the filter; closing the result must
 	// close inner. On error Wrap must leave inner open: Open closes it.
 	Wrap func(ctx context.Context, s Spec, env Env, inner Device) (Device, error)

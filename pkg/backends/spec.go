@@ -78,6 +78,13 @@ func Parse(s string) (Spec, error) {
 			return Spec{}, &specError{fmt.Errorf("spec: %w", err)}
 		}
 	}
+	for _, f := range filters() {
+		if f.Validate != nil && f.enabled(sp) {
+			if err := f.Validate(sp); err != nil {
+				return Spec{}, &specError{fmt.Errorf("spec: filter %s: %w", f.Name, err)}
+			}
+		}
+	}
 	return sp, nil
 }
 

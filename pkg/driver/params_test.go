@@ -69,6 +69,11 @@ func TestPlanVolumeErrorsNameTheParameter(t *testing.T) {
 		{map[string]string{"backend": "http", "url": "ftp://x/y"}, "url", "scheme"},
 		{map[string]string{"backend": "nbd", "url": "http://x/y"}, "url", "scheme"},
 		{map[string]string{"backend": "file", "directory": "rel/dir"}, "directory", "absolute"},
+		{map[string]string{"cache": "writeback", "cacheBlockSize": "3Ki"}, "cacheBlockSize", "cache-block"},
+		{map[string]string{"cache": "sometimes"}, "cache", "cache"},
+		{map[string]string{"readIOPS": "-5"}, "readIOPS", "iops-read"},
+		{map[string]string{"readahead": "true", "readaheadMax": "1"}, "readaheadMax", "readahead-max"},
+		{map[string]string{"cow": "true", "cowBlockSize": "1000"}, "cowBlockSize", "cow-block"},
 	} {
 		_, err := planVolume("pvc-1", 1<<30, tc.params, false)
 		var pe *paramError

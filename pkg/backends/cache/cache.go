@@ -72,7 +72,8 @@ var Filter = backends.Filter{
 		}
 		return false
 	},
-	Wrap: wrap,
+	Validate: Validate,
+	Wrap:     wrap,
 }
 
 func init() { backends.RegisterFilter(Filter) }

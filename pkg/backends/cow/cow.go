@@ -62,7 +62,8 @@ var Filter = backends.Filter{
 		}
 		return false
 	},
-	Wrap: wrap,
+	Validate: Validate,
+	Wrap:     wrap,
 }
 
 func init() { backends.RegisterFilter(Filter) }

@@ -86,6 +86,10 @@ func init() {
 				Doc: "Bucket size as a duration of traffic at the limit (at most this much passes at once after idle)."},
 		},
 		Enabled: enabled,
+		Validate: func(s backends.Spec) error {
+			_, err := ParseLimits(s)
+			return err
+		},
 		Wrap: func(_ context.Context, s backends.Spec, _ backends.Env, inner backends.Device) (backends.Device, error) {
 			l, err := ParseLimits(s)
 			if err != nil {

@@ -78,6 +78,10 @@ func init() {
 			}
 			return hasMax(s)
 		},
+		Validate: func(s backends.Spec) error {
+			_, err := parseMax(s)
+			return err
+		},
 		Wrap: func(_ context.Context, s backends.Spec, _ backends.Env, inner backends.Device) (backends.Device, error) {
 			max, err := parseMax(s)
 			if err != nil {
