@@ -64,6 +64,9 @@ func (m *Metrics) Wrap(dev backends.Device, labels VolumeLabels) backends.Device
 		m.SetLimits(labels, limits.Limits(r.Limits()))
 		m.SetThrottleStats(labels, rateThrottle{r})
 	}
+	if c, ok := findCache(dev); ok {
+		m.cache.set(labels, c)
+	}
 	m.mu.Lock()
 	m.refs[labels.Volume]++
 	m.devices[d] = struct{}{}

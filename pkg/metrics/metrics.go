@@ -75,6 +75,7 @@ type Metrics struct {
 	attach     *prometheus.GaugeVec
 	reconnects *prometheus.CounterVec
 	throttle   *throttleCollector
+	cache      *cacheCollector
 
 	mu      sync.Mutex
 	refs    map[string]int       // open wrappers by volume ID
@@ -112,11 +113,12 @@ func New() *Metrics {
 				"Time requests waited for the rate limit, by direction (requests waiting together each count).", with("direction"), nil),
 			src: map[VolumeLabels]ThrottleStats{},
 		},
+		cache:   newCacheCollector(vl),
 		refs:    map[string]int{},
 		devices: map[*device]struct{}{},
 		states:  map[string]string{},
 	}
-	m.reg.MustRegister(m.bytes, m.ops, m.errors, m.latency, m.inFlight, m.limit, m.attach, m.reconnects, m.throttle,
+	m.reg.MustRegister(m.bytes, m.ops, m.errors, m.latency, m.inFlight, m.limit, m.attach, m.reconnects, m.throttle, m.cache,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -194,6 +196,7 @@ func (m *Metrics) forget(volumeID string) {
 		}
 	}
 	m.throttle.mu.Unlock()
+	m.cache.forget(volumeID)
 }
 
 // throttleCollector reads throttle statistics at scrape time.

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
+	"github.com/csi-nbd/csi-nbd/pkg/backends/cache"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/memory"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/rate"
 	"github.com/csi-nbd/csi-nbd/pkg/limits"
@@ -362,5 +363,47 @@ func TestRateFilterFound(t *testing.T) {
 	}
 	if got := value(t, fams, "csi_nbd_volume_throttled_seconds_total", volLabels("direction", "read")); got <= 0 {
 		t.Errorf("read throttled %v s; want > 0", got)
+	}
+}
+
+// A stack with the cache filter exports its hits, misses, evictions and
+// dirty bytes, read at scrape time.
+func TestCacheFilterFound(t *testing.T) {
+	ctx := context.Background()
+	m := New()
+	const block = 64 << 10
+	c, err := cache.Open(ctx, memory.New(1<<20), cache.Config{Mode: "writeback", Size: 4 * block, Block: block, OnRead: true, Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := m.Wrap(c, vol)
+	defer dev.Close()
+	buf := make([]byte, block)
+	for range 2 { // a miss, then a hit
+		if err := dev.ReadAt(ctx, buf, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := dev.WriteAt(ctx, buf, block, false); err != nil {
+		t.Fatal(err)
+	}
+	fams := scrape(t, m.Handler(HandlerOptions{}))
+	for kind, want := range map[string]float64{"hit": block, "miss": block, "evicted": 0} {
+		if got := value(t, fams, "csi_nbd_cache_bytes_total", volLabels("kind", kind)); got != want {
+			t.Errorf("cache %s bytes %v; want %v", kind, got, want)
+		}
+	}
+	if got := value(t, fams, "csi_nbd_cache_dirty_bytes", volLabels()); got != block {
+		t.Errorf("dirty bytes %v; want %d", got, block)
+	}
+	// Reading past the cap reclaims clean blocks.
+	for off := uint64(2 * block); off < 1<<20; off += block {
+		if err := dev.ReadAt(ctx, buf, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fams = scrape(t, m.Handler(HandlerOptions{}))
+	if got := value(t, fams, "csi_nbd_cache_bytes_total", volLabels("kind", "evicted")); got <= 0 {
+		t.Errorf("evicted bytes %v after reading 4× the cap", got)
 	}
 }

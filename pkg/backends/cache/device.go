@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -76,7 +77,30 @@ type Device struct {
 	kick chan struct{}
 	stop chan struct{}
 	done chan struct{}
+
+	// Counters for Stats (metrics), in bytes of whole blocks.
+	hits, misses, evicted atomic.Uint64
 }
+
+// Stats are a cache's counters since it was opened, for metrics.
+type Stats struct {
+	HitBytes, MissBytes uint64 // reads served from the cache / fetched from the backend
+	EvictedBytes        uint64 // reclaimed to stay under cache-size
+	DirtyBytes          uint64 // written, not yet written back (now)
+	UsedBytes           uint64 // held in the cache file (now)
+}
+
+// Stats returns the cache's counters.
+func (d *Device) Stats() Stats {
+	d.mu.Lock()
+	dirty, used := uint64(d.dirty), uint64(d.used)
+	d.mu.Unlock()
+	return Stats{HitBytes: d.hits.Load(), MissBytes: d.misses.Load(), EvictedBytes: d.evicted.Load(),
+		DirtyBytes: dirty * d.bs, UsedBytes: used * d.bs}
+}
+
+// Unwrap returns the device the cache is in front of.
+func (d *Device) Unwrap() backends.Device { return d.inner }
 
 var _ backends.Device = (*Device)(nil)
 var _ backends.Resizer = (*Device)(nil)
@@ -413,6 +437,7 @@ func (d *Device) evictLocked(victims []*entry) error {
 		}
 		return err
 	}
+	d.evicted.Add(uint64(len(victims)) * d.bs)
 	return nil
 }
 

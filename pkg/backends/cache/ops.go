@@ -73,6 +73,7 @@ func (d *Device) read(ctx context.Context, p []byte, off, length uint64, keep bo
 			var err error
 			if p != nil {
 				_, err = d.data.ReadAt(p[off-start:stop-start], int64(off))
+				d.hits.Add(stop - off)
 			}
 			d.mu.Lock()
 			for _, e := range run {
@@ -125,6 +126,9 @@ func (d *Device) read(ctx context.Context, p []byte, off, length uint64, keep bo
 			d.mu.Unlock()
 			d.punchVictims(victims)
 			stop := min(end, (b+uint64(len(run)))<<d.shift)
+			if p != nil {
+				d.misses.Add(stop - off)
+			}
 			var err error
 			switch {
 			case ok:

@@ -544,3 +544,6 @@ func (m *merger) flush() {
 		m.valid = false
 	}
 }
+
+// Unwrap returns the origin under the overlay.
+func (d *Device) Unwrap() backends.Device { return d.origin }
