@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio busybox-static e2fsprogs nbd-client)
+# NBD peers and oracles; servers for the remote backends; what the attach
+# tests and the VM image need (mkfs, losetup, fstrim, busybox).
+apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio nbdkit-plugin-python python3-boto3
+  nginx busybox-static e2fsprogs xfsprogs mount util-linux cpio nbd-client)
 
 missing=()
 for p in "${apt_pkgs[@]}"; do
@@ -32,6 +35,10 @@ fi
 # Tests find them on PATH: hack/test.sh adds $TOOLS_CACHE/bin.
 TOOLS_CACHE=${TOOLS_CACHE:-/var/cache/csi-nbd/tools}
 go_tools=(
+  github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.6.0
+  helm.sh/helm/v3/cmd/helm@v3.22.0
+  github.com/yannh/kubeconform/cmd/kubeconform@v0.8.0
+  github.com/versity/versitygw/cmd/versitygw@v1.8.0
 )
 mkdir -p "$TOOLS_CACHE/bin"
 for spec in "${go_tools[@]}"; do
@@ -43,3 +50,6 @@ for spec in "${go_tools[@]}"; do
     mkdir -p "$TOOLS_CACHE/stamps" && touch "$stamp"
   fi
 done
+
+# etcd and kube-apiserver for the tests that need a real API server (test/helm).
+hack/kube-testenv.sh >/dev/null

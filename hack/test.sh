@@ -35,3 +35,4 @@ if [ "$FUZZTIME" != 0 ]; then
     done
   done
 fi
+hack/verify-chart.sh

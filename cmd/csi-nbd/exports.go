@@ -48,7 +48,7 @@ func (t *exportTable) Open(ctx context.Context, name string) (*nbd.Export, func(
 	}
 	dev, release, err := t.pool.Acquire(ctx, spec)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%w: opening %q: %v", nbd.ErrUnknownExport, truncate(spec.String()), err)
+		return nil, nil, fmt.Errorf("%w: opening %q: %v", nbd.ErrUnknownExport, truncate(spec.Redacted()), err)
 	}
 	return &nbd.Export{Device: dev, Description: spec.String(), ReadOnly: t.readOnly}, release, nil
 }

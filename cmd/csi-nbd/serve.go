@@ -131,7 +131,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	// at the first client.
 	_, release, err := pool.Acquire(ctx, def)
 	if err != nil {
-		return fmt.Errorf("opening %q: %w", def.String(), err)
+		return fmt.Errorf("opening %q: %w", def.Redacted(), err)
 	}
 	release()
 	table := &exportTable{pool: pool, def: &def, allow: o.allow, readOnly: o.readOnly}
@@ -154,7 +154,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		lns = append(lns, ln)
 		fmt.Fprintf(stdout, "listening on %s\n", listenerURL(ln))
 	}
-	klog.InfoS("Serving", "version", Version(), "default", def.String(), "allow", []string(o.allow), "tls", o.tlsMode)
+	klog.InfoS("Serving", "version", Version(), "default", def.Redacted(), "allow", []string(o.allow), "tls", o.tlsMode)
 
 	// Connections outlive the signal: in-flight requests get to finish.
 	srvCtx := context.WithoutCancel(ctx)

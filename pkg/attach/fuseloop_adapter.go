@@ -1,10 +1,4 @@
-//go:build ignore
-
-// The FUSE+loop fallback, adapted to the Manager. Excluded (the "ignore"
-// constraint, which go mod tidy honours too) until package fuseloop is
-// merged: then delete the build line above. Until then, without it, there
-// is no fallback: Options.Fallback "always" fails and "auto" needs nbd.
-// (It was compiled and run against the fuseloop branch on 2026-11-25.)
+// The FUSE+loop fallback, adapted to the Manager.
 
 package attach
 

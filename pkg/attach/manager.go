@@ -117,6 +117,11 @@ type Manager struct {
 	env      backends.Env
 	st       *store
 
+	// WrapDevice, if set before the first Attach or Resume, wraps every
+	// opened volume stack (the node plugin adds metrics outermost). The
+	// result is what is served and what Device returns.
+	WrapDevice func(id string, dev backends.Device) backends.Device
+
 	openKernel func(context.Context) (kernel, error)
 	loop       loopFallback
 
@@ -308,7 +313,7 @@ func (m *Manager) Attach(ctx context.Context, id, spec string, secrets map[strin
 	if secrets != nil {
 		env.Secrets = secrets
 	}
-	dev, err := backends.Open(ctx, sp, env)
+	dev, err := m.open(ctx, id, sp, env)
 	if err != nil {
 		return "", fmt.Errorf("attach: %w", err)
 	}
@@ -328,6 +333,27 @@ func (m *Manager) Attach(ctx context.Context, id, spec string, secrets map[strin
 	m.mu.Unlock()
 	klog.InfoS("attach: volume attached", "volume", id, "device", v.rec.Path, "kind", kind, "connections", o.Connections)
 	return v.rec.Path, nil
+}
+
+// open opens a volume's stack, wrapped by WrapDevice.
+func (m *Manager) open(ctx context.Context, id string, sp backends.Spec, env backends.Env) (backends.Device, error) {
+	dev, err := backends.Open(ctx, sp, env)
+	if err != nil || m.WrapDevice == nil {
+		return dev, err
+	}
+	return m.WrapDevice(id, dev), nil
+}
+
+// Device returns the open stack of an attached volume (for live changes,
+// such as rate limits, while it is served).
+func (m *Manager) Device(id string) (backends.Device, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v, ok := m.vols[id]
+	if !ok {
+		return nil, false
+	}
+	return v.dev, true
 }
 
 func (m *Manager) newVolume(rec record, dev backends.Device) *volume {
@@ -687,7 +713,7 @@ func (m *Manager) resumeOne(ctx context.Context, r record) (Volume, error) {
 	if secrets != nil {
 		env.Secrets = secrets
 	}
-	dev, err := backends.Open(ctx, sp, env)
+	dev, err := m.open(ctx, r.ID, sp, env)
 	if err != nil {
 		return Volume{}, err
 	}

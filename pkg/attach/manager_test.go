@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -374,5 +375,52 @@ func TestSetIOFlusherMarksEveryThread(t *testing.T) {
 	}
 	if marked != total || total == 0 {
 		t.Fatalf("%d of %d threads marked", marked, total)
+	}
+}
+
+// wrapped marks a stack wrapped by Manager.WrapDevice and counts writes.
+type wrapped struct {
+	backends.Device
+	id     string
+	writes atomic.Int64
+}
+
+func (w *wrapped) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
+	w.writes.Add(1)
+	return w.Device.WriteAt(ctx, p, off, fua)
+}
+
+// WrapDevice wraps what is served, on attach and on resume, and Device
+// returns the served stack.
+func TestWrapDeviceServedAndFound(t *testing.T) {
+	k := newFakeKernel()
+	dir := t.TempDir()
+	ctx := ctxT(t)
+	wrap := func(id string, dev backends.Device) backends.Device { return &wrapped{Device: dev, id: id} }
+	m1 := newTestManager(t, dir, k)
+	m1.WrapDevice = wrap
+	if _, err := m1.Attach(ctx, "pvc-w", "size=12Mi;attachtest:wrap", nil, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	k.sock(t, 0, 0).write(t, 0, pattern(4096, 1))
+	dev, ok := m1.Device("pvc-w")
+	if w, isW := dev.(*wrapped); !ok || !isW || w.id != "pvc-w" || w.writes.Load() != 1 {
+		t.Fatalf("Device = %T %v", dev, ok)
+	}
+	if _, ok := m1.Device("nope"); ok {
+		t.Error("Device of an unknown volume")
+	}
+	if err := m1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	k.serverDied(0)
+	m2 := newTestManager(t, dir, k)
+	m2.WrapDevice = wrap
+	if _, err := m2.Resume(ctx); err != nil {
+		t.Fatal(err)
+	}
+	k.sock(t, 0, 0).write(t, 0, pattern(4096, 2))
+	if dev, ok := m2.Device("pvc-w"); !ok || dev.(*wrapped).writes.Load() != 1 {
+		t.Fatalf("after resume: Device = %T %v", dev, ok)
 	}
 }

@@ -41,6 +41,10 @@ type Filter struct {
 	// Enabled says whether spec s turns the filter on. If nil, the filter
 	// is on when any of its options is set to a non-default value.
 	Enabled func(s Spec) bool
+	// Validate, if set, checks an enabled filter's options beyond their
+	// kinds when a spec is parsed, so bad volumes are refused at
+	// creation; Wrap must still check everything itself.
+	Validate func(s Spec) error
 	// Wrap returns inner wrapped by the filter; closing the result must
 	// close inner. On error Wrap must leave inner open: Open closes it.
 	Wrap func(ctx context.Context, s Spec, env Env, inner Device) (Device, error)
@@ -61,7 +65,7 @@ func Register(b Backend) {
 }
 
 func register(b Backend) error {
-	if b.Scheme == "" || !validKey(b.Scheme) {
+	if !validScheme(b.Scheme) {
 		return fmt.Errorf("invalid scheme %q", b.Scheme)
 	}
 	if b.Open == nil {
@@ -94,6 +98,13 @@ func register(b Backend) error {
 	}
 	registry.backends[b.Scheme] = &b
 	return nil
+}
+
+// validScheme accepts a lower-case RFC 3986 scheme, as schemeOf returns
+// them ("nbd+unix" included).
+func validScheme(s string) bool {
+	scheme, ok := schemeOf(s + ":")
+	return ok && scheme == s
 }
 
 // RegisterFilter adds a filter. Its option keys must not clash with any
@@ -276,7 +287,7 @@ func Open(ctx context.Context, s Spec, env Env) (Device, error) {
 	}
 	dev, err := b.Open(ctx, s, env)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", quote(s.String()), err)
+		return nil, fmt.Errorf("open %s: %w", quote(s.Redacted()), err)
 	}
 	for _, f := range filters() {
 		if !f.enabled(s) {
@@ -284,7 +295,7 @@ func Open(ctx context.Context, s Spec, env Env) (Device, error) {
 		}
 		w, err := f.Wrap(ctx, s, env, dev)
 		if err != nil {
-			err = fmt.Errorf("open %s: filter %s: %w", quote(s.String()), f.Name, err)
+			err = fmt.Errorf("open %s: filter %s: %w", quote(s.Redacted()), f.Name, err)
 			return nil, errors.Join(err, dev.Close())
 		}
 		dev = w

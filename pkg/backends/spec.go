@@ -78,6 +78,13 @@ func Parse(s string) (Spec, error) {
 			return Spec{}, &specError{fmt.Errorf("spec: %w", err)}
 		}
 	}
+	for _, f := range filters() {
+		if f.Validate != nil && f.enabled(sp) {
+			if err := f.Validate(sp); err != nil {
+				return Spec{}, &specError{fmt.Errorf("spec: filter %s: %w", f.Name, err)}
+			}
+		}
+	}
 	return sp, nil
 }
 
@@ -280,4 +287,34 @@ func (s Spec) Duration(key string) (time.Duration, bool) {
 	}
 	d, err := parseDuration(v)
 	return d, err == nil
+}
+
+// Redacted is s's canonical form for logs and errors: user info in a URL
+// is dropped, and so is an http(s) URL's query, which for a presigned URL
+// is a credential.
+func (s Spec) Redacted() string {
+	r := Spec{Options: s.Options, URL: redactURL(s.URL)}
+	return r.String()
+}
+
+func redactURL(u string) string {
+	i := strings.Index(u, "://")
+	if i < 0 {
+		return u
+	}
+	scheme := strings.ToLower(u[:i])
+	rest := u[i+3:]
+	end := strings.IndexAny(rest, "/?#")
+	if end < 0 {
+		end = len(rest)
+	}
+	if at := strings.LastIndexByte(rest[:end], '@'); at >= 0 {
+		rest = rest[at+1:]
+	}
+	if scheme == "http" || scheme == "https" {
+		if q := strings.IndexAny(rest, "?#"); q >= 0 {
+			rest = rest[:q] + "?…"
+		}
+	}
+	return u[:i+3] + rest
 }

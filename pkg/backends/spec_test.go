@@ -76,7 +76,7 @@ func TestParseErrors(t *testing.T) {
 		{"size=1Gi,ro;memory:", `spec: option "ro" has no value (want KEY=VALUE)`},
 		{"size=1Gi", `spec: option prefix "size=1Gi" has no ';' before the URL`},
 		{"size=1Gi;", `spec: empty URL in "size=1Gi;"`},
-		{"ftp://x", `spec: unknown scheme "ftp" in "ftp://x" (known: data, fake, fakereq, memory)`},
+		{"ftp://x", `spec: unknown scheme "ftp" in "ftp://x" (known: data, fake, fakereq, `},
 		{"FTP://x", `spec: unknown scheme "ftp" in "FTP://x"`},
 		{"/dev/sda", `spec: no URL scheme in "/dev/sda"`},
 		{"Size=1Gi;memory:", `spec: no URL scheme in "Size=1Gi;memory:"`},
@@ -224,4 +224,21 @@ func FuzzParseSpec(f *testing.F) {
 			t.Fatalf("String not a fixed point: %q -> %q -> %q", in, canon, got)
 		}
 	})
+}
+
+func TestRedacted(t *testing.T) {
+	for in, want := range map[string]string{
+		"size=1Ki;memory:x":            "size=1Ki;memory:x",
+		"data:,a?b":                    "data:,a?b",
+		"fake://h/f.iso?X-Amz-Sig=abc": "fake://h/f.iso?X-Amz-Sig=abc",
+		"fake://user:pw@h:80/f":        "fake://h:80/f",
+	} {
+		s, err := backends.Parse(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := s.Redacted(); got != want {
+			t.Errorf("Redacted(%q) = %q; want %q", in, got, want)
+		}
+	}
 }

@@ -174,6 +174,8 @@ func TestClientParseURI(t *testing.T) {
 		{uri: "nbd://user@h/x", bad: true},
 		{uri: "/dev/nbd0", bad: true},
 		{uri: "nbd://h/%zz", bad: true},
+		{uri: "nbd://]", bad: true},
+		{uri: "nbd://a]b:1/", bad: true},
 	} {
 		network, addr, export, tls, err := ParseURI(tc.uri)
 		if tc.bad {

@@ -71,6 +71,9 @@ func ParseURI(uri string) (network, address, export string, tls bool, err error)
 		return bad("socket= is only valid with %s+unix://", u.Scheme)
 	}
 	host, port := u.Hostname(), u.Port()
+	if strings.ContainsAny(host, "[]") {
+		return bad("bad host %q", u.Host) // net/url lets a stray bracket through
+	}
 	if host == "" {
 		host = "localhost"
 	}

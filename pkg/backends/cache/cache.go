@@ -1,0 +1,199 @@
+// Package cache is the cache filter: a local-disk block cache in front of
+// any backend (nbdkit's cache filter, made crash-safe).
+//
+// Keys:
+//
+//	cache=writeback|writethrough|unsafe|off  (default off: no filter)
+//	cache-size=1Gi      cap on cached data (LRU reclaim between watermarks)
+//	cache-block=64Ki    cache granularity, a power of two >= 4Ki
+//	cache-on-read=true  whether read misses are kept (else only writes are)
+//	cache-dir=/abs/dir  where the cache lives (default: the state directory)
+//
+// The cache is a sparse data file laid out like the volume (block i at
+// offset i*cache-block) plus a block map (absent, clean or dirty per block)
+// kept as an append-only journal that is compacted now and then. See
+// journal.go for the crash-safety argument and README "cache and cow
+// filters" for the user-facing summary.
+package cache
+
+import (
+	"context"
+	"fmt"
+	"math/bits"
+	"path/filepath"
+	"slices"
+
+	"github.com/csi-nbd/csi-nbd/pkg/backends"
+)
+
+// Option keys.
+const (
+	keyMode   = "cache"
+	keySize   = "cache-size"
+	keyBlock  = "cache-block"
+	keyOnRead = "cache-on-read"
+	keyDir    = "cache-dir"
+)
+
+const (
+	minBlock = 4 << 10
+	// maxBlock bounds the read-modify-write cost of a small write to an
+	// uncached block and a miss's latency.
+	maxBlock = 16 << 20
+)
+
+// Filter is the registration; exported for documentation tools.
+var Filter = backends.Filter{
+	Name:  "cache",
+	Order: 10,
+	Options: []backends.Option{
+		{Key: keyMode, Kind: backends.OptEnum, Default: "off",
+			Enum: []string{"off", "writeback", "writethrough", "unsafe"},
+			Doc: "Local block cache: writeback (writes acknowledged once in the local cache, written back " +
+				"in the background and on FLUSH/FUA), writethrough (writes acknowledged once the backend has them), " +
+				"unsafe (writeback that ignores FLUSH/FUA), off."},
+		{Key: keySize, Kind: backends.OptSize, Default: "1Gi",
+			Doc: "Cap on cached data; least recently used clean blocks are reclaimed above 90% down to 80%."},
+		{Key: keyBlock, Kind: backends.OptSize, Default: "64Ki",
+			Doc: "Cache block size, a power of two from 4Ki to 16Mi: one miss fetches one block."},
+		{Key: keyOnRead, Kind: backends.OptBool, Default: "true",
+			Doc: "Keep blocks fetched by read misses (false: only written blocks are cached)."},
+		{Key: keyDir, Kind: backends.OptString,
+			Doc: "Absolute directory for the cache files (default: a directory in the state directory named after " +
+				"the backend's URL and options, so retuning filters keeps it)."},
+	},
+	Enabled: func(s backends.Spec) bool {
+		// Defaults are dropped by Parse, so any key present is a request
+		// for the filter; Wrap refuses cache-* keys with cache=off.
+		for _, k := range []string{keyMode, keySize, keyBlock, keyOnRead, keyDir} {
+			if _, ok := s.Options[k]; ok {
+				return true
+			}
+		}
+		return false
+	},
+	Validate: Validate,
+	Wrap:     wrap,
+}
+
+func init() { backends.RegisterFilter(Filter) }
+
+type mode int
+
+const (
+	modeOff mode = iota
+	modeWriteback
+	modeWritethrough
+	modeUnsafe
+)
+
+func (m mode) String() string {
+	return [...]string{"off", "writeback", "writethrough", "unsafe"}[m]
+}
+
+// Config is the cache filter's configuration, decoded from a spec.
+type Config struct {
+	Mode   string // writeback, writethrough or unsafe
+	mode   mode
+	Size   uint64 // cap in bytes
+	Block  uint64
+	OnRead bool
+	Dir    string // "" means the environment's state directory
+}
+
+// Validate checks the cache options of s beyond what their kinds check
+// (block size a power of two, cap at least one block, absolute dir, no
+// cache-* option with cache=off). Wrap runs it too; it is exported so a
+// parse-time hook can refuse bad volumes before they are attached.
+func Validate(s backends.Spec) error {
+	_, err := parseConfig(s)
+	return err
+}
+
+func parseConfig(s backends.Spec) (Config, error) {
+	var c Config
+	c.Mode, _ = s.Value(keyMode)
+	var err error
+	if c.mode, err = parseMode(c.Mode); err != nil {
+		return c, err
+	}
+	if c.mode == modeOff {
+		for _, k := range []string{keySize, keyBlock, keyOnRead, keyDir} {
+			if _, ok := s.Options[k]; ok {
+				return c, fmt.Errorf("option %q needs %s=writeback, writethrough or unsafe", k, keyMode)
+			}
+		}
+		return c, nil
+	}
+	var ok bool
+	if c.Block, ok = s.Size(keyBlock); !ok {
+		return c, fmt.Errorf("option %q: invalid size", keyBlock)
+	}
+	if c.Block < minBlock || c.Block > maxBlock || bits.OnesCount64(c.Block) != 1 {
+		return c, fmt.Errorf("option %q: %s is not a power of two from %s to %s", keyBlock,
+			backends.FormatSize(c.Block), backends.FormatSize(minBlock), backends.FormatSize(maxBlock))
+	}
+	if c.Size, ok = s.Size(keySize); !ok {
+		return c, fmt.Errorf("option %q: invalid size", keySize)
+	}
+	if c.Size < c.Block {
+		return c, fmt.Errorf("option %q: %s is smaller than one %s=%s", keySize,
+			backends.FormatSize(c.Size), keyBlock, backends.FormatSize(c.Block))
+	}
+	if c.OnRead, ok = s.Bool(keyOnRead); !ok {
+		return c, fmt.Errorf("option %q: invalid bool", keyOnRead)
+	}
+	if d, set := s.Options[keyDir]; set {
+		if d == "" || !filepath.IsAbs(d) {
+			return c, fmt.Errorf("option %q: %q is not an absolute path", keyDir, d)
+		}
+		c.Dir = filepath.Clean(d)
+	}
+	return c, nil
+}
+
+func parseMode(v string) (mode, error) {
+	switch v {
+	case "off", "":
+		return modeOff, nil
+	case "writeback":
+		return modeWriteback, nil
+	case "writethrough":
+		return modeWritethrough, nil
+	case "unsafe":
+		return modeUnsafe, nil
+	}
+	return modeOff, fmt.Errorf("option %q: invalid value %q", keyMode, v)
+}
+
+func wrap(ctx context.Context, s backends.Spec, env backends.Env, inner backends.Device) (backends.Device, error) {
+	c, err := parseConfig(s)
+	if err != nil {
+		return nil, err
+	}
+	if c.mode == modeOff {
+		return inner, nil // Enabled saw no option: nothing to do
+	}
+	if c.Dir == "" {
+		if c.Dir, err = env.Dir("cache", BackendSpec(s)); err != nil {
+			return nil, fmt.Errorf("option %q: %w", keyDir, err)
+		}
+	}
+	return Open(ctx, inner, c)
+}
+
+// BackendSpec is s without any filter's options: the identity of the data
+// underneath. The default cache directory is keyed by it, so retuning the
+// cache (or any other filter) finds the same directory again, and dirty
+// blocks left by a crash are written back instead of stranded.
+func BackendSpec(s backends.Spec) backends.Spec {
+	out := backends.Spec{Options: map[string]string{}, URL: s.URL}
+	b, _ := backends.LookupBackend(s.Scheme())
+	// The common options (volume=) name the volume, so they stay.
+	for _, o := range slices.Concat(backends.CommonOptions, b.Options) {
+		if v, ok := s.Options[o.Key]; ok {
+			out.Options[o.Key] = v
+		}
+	}
+	return out
+}

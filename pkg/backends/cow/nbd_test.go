@@ -1,0 +1,101 @@
+package cow
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"errors"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/csi-nbd/csi-nbd/internal/testserver"
+	"github.com/csi-nbd/csi-nbd/pkg/backends"
+	"github.com/csi-nbd/csi-nbd/pkg/nbd"
+)
+
+type oneExport struct{ dev backends.Device }
+
+func (o oneExport) Open(context.Context, string) (*nbd.Export, func(), error) {
+	return &nbd.Export{Device: o.dev}, func() {}, nil
+}
+func (o oneExport) List(context.Context) []nbd.ExportInfo { return nil }
+
+func serve(t *testing.T, dev backends.Device) string {
+	t.Helper()
+	srv, err := nbd.NewServer(nbd.ServerConfig{Exports: oneExport{dev}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(context.Background(), ln) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+		if err := <-done; err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+			t.Error(err)
+		}
+	})
+	return sock
+}
+
+func run(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	testserver.RequireTool(t, name)
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %q: %v\n%s", name, args, err, out)
+	}
+	return string(out)
+}
+
+// A data: image (read-only) made writable by the overlay, driven by real
+// clients: qemu-io writes and zeroes, qemu-img compares with the expected
+// image, nbdinfo --map shows the merged extents.
+func TestRealClientsOverDataOrigin(t *testing.T) {
+	img := pattern(100000, 9)
+	spec := "cow=true,cow-block=4Ki,size=4Mi;data:;base64," + base64.StdEncoding.EncodeToString(img)
+	s, err := backends.Parse(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, err := backends.Open(ctx, s, backends.Env{StateDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	sock := serve(t, dev)
+	q := "nbd:unix:" + sock
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x61 50000 10000", "-c", "write -z 1048576 1048576",
+		"-c", "write -P 0x62 3000000 5", q)
+	want := make([]byte, 4<<20)
+	copy(want, img)
+	copy(want[50000:60000], bytes.Repeat([]byte{0x61}, 10000))
+	copy(want[3000000:], "bbbbb")
+	exp := filepath.Join(t.TempDir(), "want.img")
+	if err := os.WriteFile(exp, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", exp, q)
+	// Origin data (with overlay data inside) to 100000, the zeroed MiB
+	// merged with the data: padding's hole, the one written block, hole.
+	out := run(t, "nbdinfo", "--map", "nbd+unix:///?socket="+sock)
+	var got []string
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		got = append(got, strings.Join(strings.Fields(l), " "))
+	}
+	want2 := []string{"0 100000 0 data", "100000 2898272 3 hole,zero", "2998272 4096 0 data", "3002368 1191936 3 hole,zero"}
+	if strings.Join(got, "|") != strings.Join(want2, "|") {
+		t.Fatalf("nbdinfo --map:\n%s\nwant %q", out, want2)
+	}
+}
