@@ -52,7 +52,7 @@ require (
 	google.golang.org/protobuf v1.36.12
 	k8s.io/kubelet v0.37.2
 	k8s.io/mount-utils v0.37.2
-	k8s.io/utils v0.0.0-20260626114624-be93311217bd // indirect
+	k8s.io/utils v0.0.0-20260626114624-be93311217bd
 )
 
 require (
