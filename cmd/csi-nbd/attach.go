@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -50,8 +49,7 @@ type attachOptions struct {
 
 func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var o attachOptions
-	fs := flag.NewFlagSet("attach", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("attach", stderr, "%s", attachUsage)
 	fs.IntVar(&o.opts.Connections, "connections", 1, "sockets (kernel queues) per nbd device; >1 needs a multi-conn backend")
 	fs.DurationVar(&o.opts.Timeout, "timeout", attach.DefaultTimeout, "kernel per-request timeout; an expired request is requeued on a fresh connection")
 	fs.DurationVar(&o.opts.DeadConnTimeout, "dead-conn-timeout", attach.DefaultDeadConnTimeout, "how long the kernel holds I/O while no server is connected (the window for --resume)")
@@ -62,26 +60,9 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs.StringVar(&o.id, "id", "", "volume ID (the kernel's backend identifier); default derived from SPEC")
 	fs.BoolVar(&o.resume, "resume", false, "re-serve every volume recorded in --state-dir")
 	fs.BoolVar(&o.mlock, "mlock", false, "lock the process's memory (mlockall) so serving never waits on swap")
-	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
-	klog.InitFlags(klogFlags)
-	klogFlags.VisitAll(func(f *flag.Flag) {
-		if f.Name == "v" || f.Name == "vmodule" {
-			fs.Var(f.Value, f.Name, f.Usage)
-		}
-	})
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), attachUsage)
-		fs.PrintDefaults()
-	}
-	for _, a := range args {
-		if a == "-h" || a == "--help" || a == "-help" {
-			fs.SetOutput(stdout)
-			fs.Usage()
-			return nil
-		}
-	}
-	if err := fs.Parse(args); err != nil {
-		return errUsage{err}
+	addLogFlags(fs)
+	if help, err := parseFlags(fs, args, stdout); help || err != nil {
+		return err
 	}
 	if (o.resume && fs.NArg() != 0) || (!o.resume && fs.NArg() != 1) {
 		fmt.Fprintln(stderr, "csi-nbd attach: want exactly one SPEC, or --resume and none")
@@ -209,23 +190,11 @@ Options:
 `
 
 func runDetach(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("detach", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("detach", stderr, "%s", detachUsage)
 	stateDir := fs.String("state-dir", defaultAttachStateDir, "directory recording attached volumes")
 	wait := fs.Duration("timeout", 2*time.Minute, "how long to wait for the serving process to detach")
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), detachUsage)
-		fs.PrintDefaults()
-	}
-	for _, a := range args {
-		if a == "-h" || a == "--help" || a == "-help" {
-			fs.SetOutput(stdout)
-			fs.Usage()
-			return nil
-		}
-	}
-	if err := fs.Parse(args); err != nil {
-		return errUsage{err}
+	if help, err := parseFlags(fs, args, stdout); help || err != nil {
+		return err
 	}
 	if fs.NArg() != 1 {
 		fmt.Fprintln(stderr, "csi-nbd detach: want one DEVICE")

@@ -63,8 +63,7 @@ Options:
 func runCSI(ctx context.Context, mode driver.Mode, args []string, stdout, stderr io.Writer) error {
 	var o csiOptions
 	host, _ := os.Hostname()
-	fs := flag.NewFlagSet(string(mode), flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet(string(mode), stderr, csiUsage, mode)
 	fs.StringVar(&o.endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint: unix:///path/to/csi.sock")
 	fs.StringVar(&o.driverName, "driver-name", driver.DefaultName, "CSI driver name")
 	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/csi-nbd", "directory for state that must survive restarts (volume records, attached volumes)")
@@ -79,26 +78,9 @@ func runCSI(ctx context.Context, mode driver.Mode, args []string, stdout, stderr
 		fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for following PVs (live rate limits); default: in-cluster config when running in a pod, else none")
 		o.attach.register(fs)
 	}
-	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
-	klog.InitFlags(klogFlags)
-	klogFlags.VisitAll(func(f *flag.Flag) {
-		if f.Name == "v" || f.Name == "vmodule" {
-			fs.Var(f.Value, f.Name, f.Usage)
-		}
-	})
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), csiUsage, mode)
-		fs.PrintDefaults()
-	}
-	for _, a := range args {
-		if a == "-h" || a == "--help" || a == "-help" {
-			fs.SetOutput(stdout)
-			fs.Usage()
-			return nil
-		}
-	}
-	if err := fs.Parse(args); err != nil {
-		return errUsage{err}
+	addLogFlags(fs)
+	if help, err := parseFlags(fs, args, stdout); help || err != nil {
+		return err
 	}
 	if fs.NArg() > 0 {
 		fs.Usage()

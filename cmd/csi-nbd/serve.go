@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -57,8 +56,7 @@ type serveOptions struct {
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var o serveOptions
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("serve", stderr, serveUsage, defaultSpec)
 	fs.Var(&o.listen, "listen", "where to listen: tcp://HOST:PORT or unix:///PATH (repeatable; default tcp://127.0.0.1:10809)")
 	fs.Var(&o.allow, "allow", "glob (* and ?) of export names clients may open besides the default (repeatable; default: none)")
 	fs.BoolVar(&o.readOnly, "readonly", false, "serve every export read-only")
@@ -68,26 +66,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&o.secretsDir, "secrets-dir", "", "directory of backend credentials, one file per key (a mounted Secret's layout): access-key-id, secret-access-key, ...")
 	fs.StringVar(&o.stateDir, "state-dir", "", "directory for volumes' local files (cache blocks, cow overlays); default under $TMPDIR")
 	fs.DurationVar(&o.shutdownMax, "shutdown-timeout", 30*time.Second, "on SIGTERM, how long to let in-flight requests finish")
-	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
-	klog.InitFlags(klogFlags)
-	klogFlags.VisitAll(func(f *flag.Flag) {
-		if f.Name == "v" || f.Name == "vmodule" {
-			fs.Var(f.Value, f.Name, f.Usage)
-		}
-	})
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), serveUsage, defaultSpec)
-		fs.PrintDefaults()
-	}
-	for _, a := range args {
-		if a == "-h" || a == "--help" || a == "-help" {
-			fs.SetOutput(stdout)
-			fs.Usage()
-			return nil
-		}
-	}
-	if err := fs.Parse(args); err != nil {
-		return errUsage{err}
+	addLogFlags(fs)
+	if help, err := parseFlags(fs, args, stdout); help || err != nil {
+		return err
 	}
 	if fs.NArg() > 1 {
 		fs.Usage()
