@@ -207,7 +207,7 @@ sanity() {
 if [ -x /bin/csi-sanity ]; then
 	mkdir -p /tmp/sanity
 	PATH=/usr/sbin:/usr/bin:/sbin:/bin csi-nbd all --endpoint unix:///tmp/csi.sock --node-id vm --state-dir /tmp/csi \
-		--backends memory --fallback never >/tmp/csi-driver.out 2>/tmp/csi-driver.log &
+		--backends memory --fallback never -v 2 >/tmp/csi-driver.out 2>/tmp/csi-driver.log &
 	drv=$!
 	i=0
 	while [ ! -S /tmp/csi.sock ]; do
@@ -216,6 +216,11 @@ if [ -x /bin/csi-sanity ]; then
 		sleep 0.1
 	done
 	sanity mount
+	# The specs cannot see the filesystem: mount-utils skips resize2fs
+	# quietly when blkid finds no filesystem, so ask the driver's log.
+	grep -q 'Disk successfully formatted' /tmp/csi-driver.log || fail "csi-sanity mount formatted no volume"
+	grep -q 'resized successfully' /tmp/csi-driver.log || fail "csi-sanity mount grew no filesystem (no resize2fs ran)"
+	dmesg | grep -q 'nbd[0-9]*: detected capacity change from 131072 to 262144' || fail "the kernel saw no nbd device grow from 64 to 128 MiB during csi-sanity"
 	sanity block
 	left=$(ls /tmp/csi/attach/volumes/ 2>/dev/null | grep -c '\.json$')
 	[ "$left" = 0 ] || fail "$left attach records left after csi-sanity deleted its volumes"
