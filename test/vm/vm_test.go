@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -272,10 +273,23 @@ var sanityTools = map[string]string{
 // sanityLine is the guest's summary of one csi-sanity run.
 var sanityLine = regexp.MustCompile(`^VMTEST: csi-sanity (\w+): .*?(\d+) Passed \| (\d+) Failed \| (\d+) Pending \| (\d+) Skipped`)
 
-// checkSanity fails unless the guest reported a csi-sanity run without
-// failures for both access types.
+// checkSanity fails the test unless the guest reported a csi-sanity run
+// without failures for both access types.
 func checkSanity(t *testing.T, lines []string) {
 	t.Helper()
+	results, problems := sanityResults(lines)
+	for _, r := range results {
+		t.Log(r)
+	}
+	for _, p := range problems {
+		t.Error(p)
+	}
+}
+
+// sanityResults reads the guest's csi-sanity summaries: one line per run
+// for the log, and what is wrong (a failed spec, nothing passed, a run
+// missing).
+func sanityResults(lines []string) (results, problems []string) {
 	seen := map[string]bool{}
 	for _, l := range lines {
 		m := sanityLine.FindStringSubmatch(l)
@@ -283,19 +297,20 @@ func checkSanity(t *testing.T, lines []string) {
 			continue
 		}
 		seen[m[1]] = true
-		t.Logf("csi-sanity in the VM, %s: %s passed, %s failed, %s pending, %s skipped", m[1], m[2], m[3], m[4], m[5])
+		results = append(results, fmt.Sprintf("csi-sanity in the VM, %s: %s passed, %s failed, %s pending, %s skipped", m[1], m[2], m[3], m[4], m[5]))
 		if m[3] != "0" {
-			t.Errorf("csi-sanity %s: %s specs failed", m[1], m[3])
+			problems = append(problems, fmt.Sprintf("csi-sanity %s: %s specs failed", m[1], m[3]))
 		}
 		if m[2] == "0" {
-			t.Errorf("csi-sanity %s: no spec passed", m[1])
+			problems = append(problems, fmt.Sprintf("csi-sanity %s: no spec passed", m[1]))
 		}
 	}
 	for _, access := range []string{"mount", "block"} {
 		if !seen[access] {
-			t.Errorf("the guest printed no csi-sanity summary for access type %s", access)
+			problems = append(problems, "the guest printed no csi-sanity summary for access type "+access)
 		}
 	}
+	return results, problems
 }
 
 // bootVM runs the guest and returns its "VMTEST" lines; ok when it printed
