@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -193,7 +194,11 @@ func TestKernelAttachInVM(t *testing.T) {
 	goBuild(t, root, bin, "build", "-trimpath", "-o", bin, "./cmd/csi-nbd")
 	attachTest := filepath.Join(t.TempDir(), "attach.test")
 	goBuild(t, root, attachTest, "test", "-c", "-o", attachTest, "./pkg/attach")
-	initrd := buildInitramfs(t, modules, "guest.sh", map[string]string{"bin/csi-nbd": bin, "bin/attach.test": attachTest})
+	extra := map[string]string{"bin/csi-nbd": bin, "bin/attach.test": attachTest, "bin/csi-sanity": csiSanity(t)}
+	for guest, tool := range sanityTools {
+		extra[guest] = testserver.RequireTool(t, tool)
+	}
+	initrd := buildInitramfs(t, modules, "guest.sh", extra)
 
 	lines, ok := bootVM(t, qemu, vmlinuz, initrd, 8*time.Minute)
 	for _, l := range lines {
@@ -202,6 +207,110 @@ func TestKernelAttachInVM(t *testing.T) {
 	if !ok {
 		t.Fatal("guest failed")
 	}
+	checkSanity(t, lines)
+}
+
+// csiSanityVersion is the csi-sanity the guest runs (as hack/deps.sh pins).
+const csiSanityVersion = "v5.6.0"
+
+// csiSanity builds csi-sanity statically (the guest has no libc for a
+// cgo binary) once per machine into the VM cache and returns its path.
+func csiSanity(t testing.TB) string {
+	t.Helper()
+	dir := filepath.Join(cacheDir(), "csi-sanity-"+csiSanityVersion)
+	bin := filepath.Join(dir, "csi-sanity")
+	if _, err := os.Stat(bin); err == nil {
+		return bin
+	}
+	tmp := filepath.Join(t.TempDir(), "bin")
+	cmd := exec.Command("go", "install", "-trimpath", "-ldflags=-s -w",
+		"github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@"+csiSanityVersion)
+	cmd.Dir = t.TempDir() // outside our module: go install pkg@version
+	modcache, _ := exec.Command("go", "env", "GOMODCACHE").Output()
+	goproxy, _ := exec.Command("go", "env", "GOPROXY").Output()
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64", "GOBIN="+tmp, "GOFLAGS=",
+		// The module cache first: it usually holds csi-test already
+		// (hack/deps.sh installs it), so no network is needed.
+		"GOPROXY=file://"+filepath.Join(strings.TrimSpace(string(modcache)), "cache", "download")+","+strings.TrimSpace(string(goproxy)))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building csi-sanity %s: %v\n%s", csiSanityVersion, err, out)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(tmp, "csi-sanity"), bin); err != nil {
+		// A cross-device rename: copy through the cache directory.
+		b, rerr := os.ReadFile(filepath.Join(tmp, "csi-sanity"))
+		if rerr != nil {
+			t.Fatal(rerr)
+		}
+		part := bin + ".part"
+		if err := os.WriteFile(part, b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(part, bin); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return bin
+}
+
+// sanityTools are what the node service runs through k8s.io/mount-utils,
+// as util-linux and e2fsprogs ship them (busybox's blkid knows no -p and
+// no -o export): guest path → tool name on this host. The guest puts
+// /usr/sbin and /usr/bin first on the driver's PATH only, so the attach
+// tests above keep running on busybox alone.
+var sanityTools = map[string]string{
+	"usr/bin/mount":      "mount",
+	"usr/bin/umount":     "umount",
+	"usr/sbin/blkid":     "blkid",
+	"usr/sbin/fsck":      "fsck", // SafeFormatAndMount checks ext4 before mounting
+	"usr/sbin/e2fsck":    "e2fsck",
+	"usr/sbin/fsck.ext4": "e2fsck",
+	"usr/sbin/resize2fs": "resize2fs",
+}
+
+// sanityLine is the guest's summary of one csi-sanity run.
+var sanityLine = regexp.MustCompile(`^VMTEST: csi-sanity (\w+): .*?(\d+) Passed \| (\d+) Failed \| (\d+) Pending \| (\d+) Skipped`)
+
+// checkSanity fails the test unless the guest reported a csi-sanity run
+// without failures for both access types.
+func checkSanity(t *testing.T, lines []string) {
+	t.Helper()
+	results, problems := sanityResults(lines)
+	for _, r := range results {
+		t.Log(r)
+	}
+	for _, p := range problems {
+		t.Error(p)
+	}
+}
+
+// sanityResults reads the guest's csi-sanity summaries: one line per run
+// for the log, and what is wrong (a failed spec, nothing passed, a run
+// missing).
+func sanityResults(lines []string) (results, problems []string) {
+	seen := map[string]bool{}
+	for _, l := range lines {
+		m := sanityLine.FindStringSubmatch(l)
+		if m == nil {
+			continue
+		}
+		seen[m[1]] = true
+		results = append(results, fmt.Sprintf("csi-sanity in the VM, %s: %s passed, %s failed, %s pending, %s skipped", m[1], m[2], m[3], m[4], m[5]))
+		if m[3] != "0" {
+			problems = append(problems, fmt.Sprintf("csi-sanity %s: %s specs failed", m[1], m[3]))
+		}
+		if m[2] == "0" {
+			problems = append(problems, fmt.Sprintf("csi-sanity %s: no spec passed", m[1]))
+		}
+	}
+	for _, access := range []string{"mount", "block"} {
+		if !seen[access] {
+			problems = append(problems, "the guest printed no csi-sanity summary for access type "+access)
+		}
+	}
+	return results, problems
 }
 
 // bootVM runs the guest and returns its "VMTEST" lines; ok when it printed
