@@ -19,6 +19,22 @@ func TestPlanVolume(t *testing.T) {
 		{"default memory", nil, "size=2Gi;memory:pvc-1", "ext4"},
 		{"memory xfs", map[string]string{"backend": "memory", "fsType": "xfs"}, "size=2Gi;memory:pvc-1", "xfs"},
 		{"k8s fstype", map[string]string{"csi.storage.k8s.io/fstype": "xfs"}, "size=2Gi;memory:pvc-1", "xfs"},
+		{"s3 with every s3 parameter", map[string]string{
+			"backend": "s3", "bucket": "vols", "prefix": "/team/a/", "endpoint": "http://127.0.0.1:9000",
+			"region": "eu-west-1", "pathStyle": "true", "chunkSize": "1Mi",
+		}, "chunk=1Mi,endpoint=http://127.0.0.1:9000,path-style=true,region=eu-west-1,size=2Gi;s3://vols/team/a/pvc-1", "ext4"},
+		{"http origin with filters", map[string]string{
+			"backend": "http", "url": "https://example.com/disk.iso?x=1", "headerSecret": "auth", "timeout": "10s",
+			"cow": "true", "cowBlockSize": "128Ki", "readahead": "true", "readaheadMax": "8Mi",
+			"cache": "writethrough", "cacheSize": "2Gi", "cacheBlockSize": "256Ki", "cacheOnRead": "false",
+		}, "cache=writethrough,cache-block=256Ki,cache-on-read=false,cache-size=2Gi,cow=true,cow-block=128Ki,header-secret=auth," +
+			"readahead=true,readahead-max=8Mi,timeout=10s,volume=pvc-1;https://example.com/disk.iso?x=1", "ext4"},
+		{"nbd remote", map[string]string{"backend": "nbd", "url": "nbd://127.0.0.1:10809/exp", "connections": "4"},
+			"connections=4,volume=pvc-1;nbd://127.0.0.1:10809/exp", "ext4"},
+		{"file with rate limits", map[string]string{
+			"backend": "file", "directory": "/var/lib/vols", "readBytesPerSecond": "10Mi", "writeBytesPerSecond": "5Mi",
+			"readIOPS": "100", "writeIOPS": "50", "burst": "200ms",
+		}, "iops-read=100,iops-write=50,rate-burst=200ms,rate-read=10Mi,rate-write=5Mi,size=2Gi;file:///var/lib/vols/pvc-1.img", "ext4"},
 		{"pvc metadata ignored by the spec", map[string]string{
 			"csi.storage.k8s.io/pvc/name": "data", "csi.storage.k8s.io/pvc/namespace": "ns", "csi.storage.k8s.io/pv/name": "pvc-1",
 		}, "size=2Gi;memory:pvc-1", "ext4"},
