@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -110,53 +109,23 @@ func (e exports) Open(ctx context.Context, name string) (*nbd.Export, func(), er
 
 func (exports) List(context.Context) []nbd.ExportInfo { return nil }
 
-// serveNBD serves specs over NBD on a unix socket and returns the socket.
-func serveNBD(t *testing.T, env backends.Env) string {
+// serveNBD serves specs over NBD (pkg/nbd's server in this process) until
+// the test ends.
+func serveNBD(t *testing.T, env backends.Env) *testserver.NBDServer {
 	t.Helper()
 	pool := backends.NewPool(env)
-	srv, err := nbd.NewServer(nbd.ServerConfig{Exports: exports{pool}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { defer close(done); srv.Serve(context.Background(), ln) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-		<-done
-		pool.Close()
-	})
-	return sock
-}
-
-func nbdURI(sock, export string) string {
-	return "nbd+unix:///" + strings.ReplaceAll(export, "?", "%3F") + "?socket=" + sock
-}
-
-func run(t *testing.T, name string, args ...string) (string, error) {
-	t.Helper()
-	testserver.RequireTool(t, name)
-	out, err := exec.Command(name, args...).CombinedOutput()
-	return string(out), err
+	t.Cleanup(func() { pool.Close() }) // after the server's shutdown
+	return testserver.StartNBD(t, exports{pool})
 }
 
 func TestNginxThroughNBD(t *testing.T) {
 	n := testserver.StartNginx(t, testserver.NginxOptions{})
 	data := randBytes(16<<20 + 512)
 	n.WriteFile(t, "disk.img", data, mtime)
-	sock := serveNBD(t, backends.Env{})
+	srv := serveNBD(t, backends.Env{})
 	spec := n.URL + "/disk.img"
 
-	out, err := run(t, "nbdinfo", "--json", nbdURI(sock, spec))
-	if err != nil {
-		t.Fatalf("nbdinfo: %v\n%s", err, out)
-	}
+	out := testserver.Run(t, "nbdinfo", "--json", srv.UnixURI(spec))
 	var info struct {
 		Exports []struct {
 			Size     uint64 `json:"export-size"`
@@ -170,9 +139,7 @@ func TestNginxThroughNBD(t *testing.T) {
 		t.Fatalf("export %+v, want size %d read-only", e, len(data))
 	}
 	dst := filepath.Join(t.TempDir(), "copy")
-	if out, err := run(t, "nbdcopy", "--connections=4", "--threads=4", "--requests=16", nbdURI(sock, spec), dst); err != nil {
-		t.Fatalf("nbdcopy: %v\n%s", err, out)
-	}
+	testserver.Run(t, "nbdcopy", "--connections=4", "--threads=4", "--requests=16", srv.UnixURI(spec), dst)
 	got, err := os.ReadFile(dst)
 	if err != nil {
 		t.Fatal(err)
@@ -180,13 +147,14 @@ func TestNginxThroughNBD(t *testing.T) {
 	if !bytes.Equal(got, data) {
 		t.Fatal("copy through NBD differs from the origin's file")
 	}
-	if out, err := run(t, "qemu-io", "-f", "raw", "-c", "write 0 512", "nbd:unix:"+sock+":exportname="+spec); err == nil {
+	qemuIO := testserver.RequireTool(t, "qemu-io")
+	if out, err := exec.Command(qemuIO, "-f", "raw", "-c", "write 0 512", "nbd:unix:"+srv.Sock+":exportname="+spec).CombinedOutput(); err == nil {
 		t.Fatalf("write through NBD succeeded:\n%s", out)
 	}
 	// The object changes under the open volume: the client gets EIO.
 	n.WriteFile(t, "disk.img", randBytes(len(data)), mtime.Add(time.Minute))
-	out, err = run(t, "nbdcopy", nbdURI(sock, spec), filepath.Join(t.TempDir(), "copy2"))
-	if err == nil || !strings.Contains(out, "Input/output error") {
+	b, err := exec.Command(testserver.RequireTool(t, "nbdcopy"), srv.UnixURI(spec), filepath.Join(t.TempDir(), "copy2")).CombinedOutput()
+	if out := string(b); err == nil || !strings.Contains(out, "Input/output error") {
 		t.Fatalf("nbdcopy of a changed origin: %v\n%s", err, out)
 	}
 }

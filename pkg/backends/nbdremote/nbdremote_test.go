@@ -199,7 +199,7 @@ func TestNbdkitMemory(t *testing.T) {
 	}
 	model := exercise(t, d, 32<<20)
 	out := filepath.Join(t.TempDir(), "out")
-	run(t, "nbdcopy", k.uri(), out)
+	testserver.Run(t, "nbdcopy", k.uri(), out)
 	if got, _ := os.ReadFile(out); !bytes.Equal(got, model) {
 		t.Fatal("nbdkit holds different data")
 	}
@@ -230,8 +230,8 @@ func TestNoMultiConn(t *testing.T) {
 func TestOwnServer(t *testing.T) {
 	for i := range 2 {
 		vol := memory.New(16 << 20)
-		unixURI, tcpURI := serveOwn(t, vol)
-		uri := []string{tcpURI, unixURI}[i]
+		srv := testserver.StartNBD(t, testserver.OneExport{Device: vol})
+		uri := []string{srv.TCPURI(""), srv.UnixURI("")}[i]
 		d := openSpec(t, "connections=3;"+uri, backends.Env{})
 		if len(d.slots) != 3 || !d.Caps().Extents {
 			t.Fatalf("%s: connections %d caps %+v", uri, len(d.slots), d.Caps())
@@ -463,16 +463,16 @@ func waitStopped(t *testing.T, pid int) {
 func TestProxy(t *testing.T) {
 	k := startNbdkit(t, testserver.FreePort(t), "memory", "8M")
 	d := openSpec(t, "connections=2;"+k.uri(), backends.Env{})
-	proxy, _ := serveOwn(t, d)
+	proxy := testserver.ServeNBDURI(t, d)
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src")
 	data := randBytes(8 << 20)
 	clear(data[2<<20 : 6<<20])
 	os.WriteFile(src, data, 0o600)
-	run(t, "nbdcopy", "--connections=2", src, proxy)
-	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, k.uri())
-	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, proxy)
-	m := strings.Join(strings.Fields(run(t, "nbdinfo", "--map", proxy)), " ")
+	testserver.Run(t, "nbdcopy", "--connections=2", src, proxy)
+	testserver.Run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, k.uri())
+	testserver.Run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, proxy)
+	m := strings.Join(strings.Fields(testserver.Run(t, "nbdinfo", "--map", proxy)), " ")
 	if !strings.Contains(m, "2097152 4194304 3 hole,zero") {
 		t.Fatalf("nbdinfo --map through the proxy: %s", m)
 	}
