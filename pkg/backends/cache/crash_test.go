@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 )
 
 // The kill -9 test: a child process (this test binary, re-executed) writes
@@ -157,7 +159,7 @@ func TestKill9LosesNoAcknowledgedWrite(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	check("through the reopened cache", readAll(t, d, 0, crashSize))
+	check("through the reopened cache", devtest.ReadAll(t, d, 0, crashSize))
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -208,7 +210,7 @@ func TestRebootDropsUncleanCacheKeepsCleanOne(t *testing.T) {
 	c := cfg(t, modeWriteback, 1<<20, bs)
 
 	d := mustOpen(t, org, c)
-	readAll(t, d, 0, 64*bs)                       // clean blocks
+	devtest.ReadAll(t, d, 0, 64*bs)               // clean blocks
 	d.WriteAt(ctx, pattern(bs, 9), 100*bs, false) // a dirty one
 	d.crashClose()
 	setMapHeader(t, c.Dir, [16]byte{0xde, 0xad}, 0) // written in another boot
@@ -216,7 +218,7 @@ func TestRebootDropsUncleanCacheKeepsCleanOne(t *testing.T) {
 	if used, dirty := d.stats(); used != 0 || dirty != 0 {
 		t.Fatalf("after a reboot without a clean close: %d blocks kept, %d dirty", used, dirty)
 	}
-	mustEq(t, "backend data", readAll(t, d, 100*bs, bs), pattern(1<<20, 1)[100*bs:101*bs])
+	mustEq(t, "backend data", devtest.ReadAll(t, d, 100*bs, bs), pattern(1<<20, 1)[100*bs:101*bs])
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -229,7 +231,7 @@ func TestRebootDropsUncleanCacheKeepsCleanOne(t *testing.T) {
 	if used, _ := d.stats(); used == 0 {
 		t.Fatal("a cleanly closed cache was dropped after a reboot")
 	}
-	readAll(t, d, 100*bs, bs)
+	devtest.ReadAll(t, d, 100*bs, bs)
 	if org2.reads.Load() != 0 {
 		t.Fatal("a cleanly closed cache was not served after a reboot")
 	}

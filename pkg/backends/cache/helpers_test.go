@@ -160,15 +160,6 @@ func pattern(n int, seed byte) []byte {
 	return b
 }
 
-func readAll(t testing.TB, d backends.Device, off, n uint64) []byte {
-	t.Helper()
-	b := make([]byte, n)
-	if err := d.ReadAt(ctx, b, off); err != nil {
-		t.Fatalf("read %d+%d: %v", off, n, err)
-	}
-	return b
-}
-
 func mustEq(t testing.TB, what string, got, want []byte) {
 	t.Helper()
 	if len(got) != len(want) {

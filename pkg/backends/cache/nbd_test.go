@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 )
 
@@ -41,7 +42,7 @@ func TestRealClientsThroughWriteback(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
-	got := readAll(t, org.Device, 0, size)
+	got := devtest.ReadAll(t, org.Device, 0, size)
 	if !bytes.Equal(got, img) {
 		t.Fatal("origin does not hold what the clients wrote")
 	}

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/file"
 	"github.com/csi-nbd/csi-nbd/pkg/nbd"
@@ -117,7 +118,7 @@ func TestServeKill9LosesNoAcknowledgedWrite(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	checkCrashImage(t, "reopened volume", readAll(t, dev, 0, crashSize), begun, acked)
+	checkCrashImage(t, "reopened volume", devtest.ReadAll(t, dev, 0, crashSize), begun, acked)
 	if err := dev.Close(); err != nil {
 		t.Fatal(err)
 	}

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
@@ -18,15 +19,7 @@ import (
 func TestRealClientsOverDataOrigin(t *testing.T) {
 	img := pattern(100000, 9)
 	spec := "cow=true,cow-block=4Ki,size=4Mi;data:;base64," + base64.StdEncoding.EncodeToString(img)
-	s, err := backends.Parse(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dev, err := backends.Open(ctx, s, backends.Env{StateDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dev.Close()
+	dev := devtest.Open(t, spec, backends.Env{StateDir: t.TempDir()})
 	sock := testserver.ServeNBD(t, dev)
 	q := "nbd:unix:" + sock
 	testserver.Run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x61 50000 10000", "-c", "write -z 1048576 1048576",

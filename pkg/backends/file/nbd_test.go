@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 )
 
@@ -41,7 +42,7 @@ func TestThroughNBDClients(t *testing.T) {
 				t.Skip("filesystem cannot punch holes")
 			}
 
-			d.WriteAt(ctx, randBytes(1<<20), 4<<20, false)
+			d.WriteAt(ctx, devtest.RandBytes(1<<20), 4<<20, false)
 			m := testserver.Run(t, "nbdinfo", "--map", uri)
 			want := []string{"0  4194304    3  hole,zero", "4194304  1048576    0  data", "5242880 11534336    3  hole,zero"}
 			for _, w := range want {
@@ -53,7 +54,7 @@ func TestThroughNBDClients(t *testing.T) {
 			// A source with a hole in the middle; nbdcopy skips zeros
 			// and trims or zeroes the destination there.
 			src := filepath.Join(dir, "src")
-			data := randBytes(16 << 20)
+			data := devtest.RandBytes(16 << 20)
 			clear(data[6<<20 : 10<<20])
 			os.WriteFile(src, data, 0o600)
 			testserver.Run(t, "nbdcopy", "--connections=4", "--threads=4", src, uri)

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testpki"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
@@ -21,7 +22,7 @@ func BenchmarkReadAt(b *testing.B) {
 	caFile := filepath.Join(b.TempDir(), "ca.pem")
 	os.WriteFile(caFile, ca.PEM, 0o600)
 	const size = 64 << 20
-	data := randBytes(size)
+	data := devtest.RandBytes(size)
 	for _, tls := range []bool{false, true} {
 		var o testserver.NginxOptions
 		spec := ""

@@ -3,7 +3,6 @@ package httpdev_test
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
@@ -16,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testpki"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
@@ -23,41 +23,16 @@ import (
 	"github.com/csi-nbd/csi-nbd/pkg/nbd"
 )
 
-func randBytes(n int) []byte {
-	b := make([]byte, n)
-	rand.Read(b)
-	return b
-}
-
-// openSpec parses and opens spec with env, failing the test on error.
-func openSpec(t *testing.T, spec string, env backends.Env) backends.Device {
-	t.Helper()
-	dev, err := tryOpen(spec, env)
-	if err != nil {
-		t.Fatalf("open %s: %v", spec, err)
-	}
-	t.Cleanup(func() { dev.Close() })
-	return dev
-}
-
-func tryOpen(spec string, env backends.Env) (backends.Device, error) {
-	s, err := backends.Parse(spec)
-	if err != nil {
-		return nil, err
-	}
-	return backends.Open(context.Background(), s, env)
-}
-
 var mtime = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 
 func TestNginxRoundTrip(t *testing.T) {
 	n := testserver.StartNginx(t, testserver.NginxOptions{})
-	data := randBytes(9<<20 + 12345) // not a multiple of anything
+	data := devtest.RandBytes(9<<20 + 12345) // not a multiple of anything
 	n.WriteFile(t, "disk.img", data, mtime)
 
 	for _, loc := range []string{"/", "/noetag/"} {
 		t.Run("location"+loc, func(t *testing.T) {
-			dev := openSpec(t, n.URL+loc+"disk.img", backends.Env{})
+			dev := devtest.Open(t, n.URL+loc+"disk.img", backends.Env{})
 			if dev.Size() != uint64(len(data)) {
 				t.Fatalf("size %d, want %d", dev.Size(), len(data))
 			}
@@ -120,7 +95,7 @@ func serveNBD(t *testing.T, env backends.Env) *testserver.NBDServer {
 
 func TestNginxThroughNBD(t *testing.T) {
 	n := testserver.StartNginx(t, testserver.NginxOptions{})
-	data := randBytes(16<<20 + 512)
+	data := devtest.RandBytes(16<<20 + 512)
 	n.WriteFile(t, "disk.img", data, mtime)
 	srv := serveNBD(t, backends.Env{})
 	spec := n.URL + "/disk.img"
@@ -152,7 +127,7 @@ func TestNginxThroughNBD(t *testing.T) {
 		t.Fatalf("write through NBD succeeded:\n%s", out)
 	}
 	// The object changes under the open volume: the client gets EIO.
-	n.WriteFile(t, "disk.img", randBytes(len(data)), mtime.Add(time.Minute))
+	n.WriteFile(t, "disk.img", devtest.RandBytes(len(data)), mtime.Add(time.Minute))
 	b, err := exec.Command(testserver.RequireTool(t, "nbdcopy"), srv.UnixURI(spec), filepath.Join(t.TempDir(), "copy2")).CombinedOutput()
 	if out := string(b); err == nil || !strings.Contains(out, "Input/output error") {
 		t.Fatalf("nbdcopy of a changed origin: %v\n%s", err, out)
@@ -161,18 +136,18 @@ func TestNginxThroughNBD(t *testing.T) {
 
 func TestNginxMissingAndNoRanges(t *testing.T) {
 	n := testserver.StartNginx(t, testserver.NginxOptions{})
-	n.WriteFile(t, "disk.img", randBytes(64<<10), mtime)
+	n.WriteFile(t, "disk.img", devtest.RandBytes(64<<10), mtime)
 
-	_, err := tryOpen(n.URL+"/nothere.img?X-Sig=topsecret", backends.Env{})
+	_, err := devtest.TryOpen(n.URL+"/nothere.img?X-Sig=topsecret", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), "404") || !strings.Contains(err.Error(), n.URL+"/nothere.img") {
 		t.Fatalf("open of a missing object: %v; want 404 naming the URL", err)
 	}
 	// An empty object is an empty volume (nginx answers 416 "bytes */0").
 	n.WriteFile(t, "empty.img", nil, mtime)
-	if dev := openSpec(t, n.URL+"/empty.img", backends.Env{}); dev.Size() != 0 {
+	if dev := devtest.Open(t, n.URL+"/empty.img", backends.Env{}); dev.Size() != 0 {
 		t.Fatalf("empty object: size %d", dev.Size())
 	}
-	_, err = tryOpen(n.URL+"/noranges/disk.img", backends.Env{})
+	_, err = devtest.TryOpen(n.URL+"/noranges/disk.img", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), "range requests") {
 		t.Fatalf("open without ranges: %v; want a refusal naming range requests", err)
 	}
@@ -189,9 +164,9 @@ func TestNginxChangedUnderVolume(t *testing.T) {
 		for _, grow := range []bool{false, true} {
 			t.Run(fmt.Sprintf("location%sgrow=%v", loc, grow), func(t *testing.T) {
 				name := fmt.Sprintf("changed-%d-%v.img", len(loc), grow)
-				old := randBytes(8 << 20)
+				old := devtest.RandBytes(8 << 20)
 				n.WriteFile(t, name, old, mtime)
-				dev := openSpec(t, n.URL+loc+name, backends.Env{})
+				dev := devtest.Open(t, n.URL+loc+name, backends.Env{})
 				p := make([]byte, 4096)
 				if err := dev.ReadAt(ctx, p, 4096); err != nil || !bytes.Equal(p, old[4096:8192]) {
 					t.Fatalf("read before the change: %v", err)
@@ -199,7 +174,7 @@ func TestNginxChangedUnderVolume(t *testing.T) {
 				// Same size, same first MiB, a later mtime: only the
 				// validator tells the versions apart.
 				neu := append([]byte(nil), old...)
-				copy(neu[1<<20:], randBytes(7<<20))
+				copy(neu[1<<20:], devtest.RandBytes(7<<20))
 				if grow {
 					neu = append(neu, 1)
 				}
@@ -227,22 +202,22 @@ func TestNginxHTTPSWithCA(t *testing.T) {
 	ca := testpki.NewCA(t, "test origin CA")
 	cert, key := ca.Issue(t, "localhost", x509.ExtKeyUsageServerAuth)
 	n := testserver.StartNginx(t, testserver.NginxOptions{CertPEM: cert, KeyPEM: key})
-	data := randBytes(3<<20 + 1)
+	data := devtest.RandBytes(3<<20 + 1)
 	n.WriteFile(t, "disk.img", data, mtime)
 	caFile := filepath.Join(t.TempDir(), "ca.pem")
 	if err := os.WriteFile(caFile, ca.PEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
 
-	_, err := tryOpen(n.URL+"/disk.img", backends.Env{})
+	_, err := devtest.TryOpen(n.URL+"/disk.img", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Fatalf("open without the CA: %v; want a certificate error", err)
 	}
-	_, err = tryOpen("ca="+filepath.Join(t.TempDir(), "missing.pem")+";"+n.URL+"/disk.img", backends.Env{})
+	_, err = devtest.TryOpen("ca="+filepath.Join(t.TempDir(), "missing.pem")+";"+n.URL+"/disk.img", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), `"ca"`) {
 		t.Fatalf("open with a missing CA file: %v; want an error naming option ca", err)
 	}
-	dev := openSpec(t, "ca="+caFile+";"+n.URL+"/disk.img", backends.Env{})
+	dev := devtest.Open(t, "ca="+caFile+";"+n.URL+"/disk.img", backends.Env{})
 	got := make([]byte, len(data))
 	if err := dev.ReadAt(context.Background(), got, 0); err != nil {
 		t.Fatal(err)
@@ -255,7 +230,7 @@ func TestNginxHTTPSWithCA(t *testing.T) {
 		t.Fatalf("want only HTTP/2 range requests in nginx's access log:\n%s", log)
 	}
 	// http2=false keeps to HTTP/1.1.
-	dev = openSpec(t, "http2=false,ca="+caFile+";"+n.URL+"/disk.img", backends.Env{})
+	dev = devtest.Open(t, "http2=false,ca="+caFile+";"+n.URL+"/disk.img", backends.Env{})
 	if err := dev.ReadAt(context.Background(), got[:4096], 0); err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
@@ -76,30 +77,7 @@ func (k *nbdkit) uri() string { return "nbd://" + testserver.Addr(k.port) + "/" 
 // openSpec parses and opens spec, closing it at the end of the test.
 func openSpec(t *testing.T, spec string, env backends.Env) *Device {
 	t.Helper()
-	s, err := backends.Parse(spec)
-	if err != nil {
-		t.Fatalf("parse %q: %v", spec, err)
-	}
-	dev, err := backends.Open(ctx, s, env)
-	if err != nil {
-		t.Fatalf("open %q: %v", spec, err)
-	}
-	t.Cleanup(func() { dev.Close() })
-	return dev.(*Device)
-}
-
-func openErr(t *testing.T, spec string) error {
-	t.Helper()
-	s, err := backends.Parse(spec)
-	if err != nil {
-		return err
-	}
-	dev, err := backends.Open(ctx, s, backends.Env{})
-	if err == nil {
-		dev.Close()
-		t.Fatalf("open %q succeeded", spec)
-	}
-	return err
+	return devtest.Open(t, spec, env).(*Device)
 }
 
 func isErr(err error, target error) bool { return errors.Is(err, target) }

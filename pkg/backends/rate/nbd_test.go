@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
@@ -18,7 +19,7 @@ import (
 // returns the device and the export's libnbd URI.
 func serve(t *testing.T, spec string) (backends.Device, string) {
 	t.Helper()
-	dev, err := open(spec)
+	dev, err := devtest.TryOpen(spec, backends.Env{})
 	if err != nil {
 		t.Fatal(err)
 	}

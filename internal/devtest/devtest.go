@@ -1,0 +1,70 @@
+// Package devtest holds the small helpers that tests of backends and
+// filters share: opening a spec, reading a device back, test data.
+//
+// It imports pkg/backends, so pkg/backends' own (internal) tests cannot use
+// it; every backend and filter package's tests can.
+package devtest
+
+import (
+	"context"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/csi-nbd/csi-nbd/pkg/backends"
+)
+
+// TryOpen parses spec and opens it with env through the registry (so the
+// filters the spec enables are stacked as in production). Tests of option
+// validation look at its error.
+func TryOpen(spec string, env backends.Env) (backends.Device, error) {
+	s, err := backends.Parse(spec)
+	if err != nil {
+		return nil, err
+	}
+	return backends.Open(context.Background(), s, env)
+}
+
+// Open is TryOpen failing the test on error; the device is closed when the
+// test ends. Cleanups run last-in first-out, so a server started after
+// Open on this device stops before the device is closed.
+func Open(t testing.TB, spec string, env backends.Env) backends.Device {
+	t.Helper()
+	dev, err := TryOpen(spec, env)
+	if err != nil {
+		t.Fatalf("open %q: %v", spec, err)
+	}
+	t.Cleanup(func() { dev.Close() })
+	return dev
+}
+
+// OpenErr opens spec expecting it to fail and returns the error; a device
+// that opens is closed and fails the test.
+func OpenErr(t testing.TB, spec string, env backends.Env) error {
+	t.Helper()
+	dev, err := TryOpen(spec, env)
+	if err == nil {
+		dev.Close()
+		t.Fatalf("open %q succeeded", spec)
+	}
+	return err
+}
+
+// RandBytes returns n random bytes, none of them zero, so that a hole or a
+// zeroed range can never pass for written data.
+func RandBytes(n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(rand.Uint32() | 1)
+	}
+	return b
+}
+
+// ReadAll reads n bytes at off from d, failing the test on error.
+func ReadAll(t testing.TB, d backends.Device, off, n uint64) []byte {
+	t.Helper()
+	b := make([]byte, n)
+	if err := d.ReadAt(context.Background(), b, off); err != nil {
+		t.Fatalf("read %d+%d: %v", off, n, err)
+	}
+	return b
+}
