@@ -7,7 +7,9 @@ package devtest
 
 import (
 	"context"
+	"errors"
 	"math/rand/v2"
+	"syscall"
 	"testing"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
@@ -67,4 +69,28 @@ func ReadAll(t testing.TB, d backends.Device, off, n uint64) []byte {
 		t.Fatalf("read %d+%d: %v", off, n, err)
 	}
 	return b
+}
+
+// CheckReadOnly checks that d says it is read-only and refuses every kind
+// of write (WriteAt, Trim, Zero) with EPERM, the errno an NBD client sees
+// for a read-only export; it reports each one that does not.
+func CheckReadOnly(t testing.TB, d backends.Device) {
+	t.Helper()
+	if !d.Caps().ReadOnly {
+		t.Errorf("caps %+v: not read-only", d.Caps())
+	}
+	ctx := context.Background()
+	for _, op := range []struct {
+		name string
+		err  error
+	}{
+		{"write", d.WriteAt(ctx, []byte{1}, 0, false)},
+		{"write fua", d.WriteAt(ctx, []byte{1}, 0, true)},
+		{"trim", d.Trim(ctx, 0, 512, false)},
+		{"zero", d.Zero(ctx, 0, 512, 0)},
+	} {
+		if !errors.Is(op.err, syscall.EPERM) {
+			t.Errorf("%s on a read-only device: %v, want EPERM", op.name, op.err)
+		}
+	}
 }

@@ -116,10 +116,10 @@ func TestKill9LosesNoAcknowledgedWrite(t *testing.T) {
 		t.Fatal(err)
 	}
 	begun, acked := map[int]bool{}, map[int]bool{}
-	sc := bufio.NewScanner(out)
-	killAt := crashSlots / 5
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
+	// The child prints "B slot" as a write begins and "A slot" once it is
+	// acknowledged.
+	record := func(line string) {
+		f := strings.Fields(line)
 		if len(f) == 2 {
 			s, _ := strconv.Atoi(f[1])
 			if f[0] == "B" {
@@ -128,6 +128,11 @@ func TestKill9LosesNoAcknowledgedWrite(t *testing.T) {
 				acked[s] = true
 			}
 		}
+	}
+	sc := bufio.NewScanner(out)
+	killAt := crashSlots / 5
+	for sc.Scan() {
+		record(sc.Text())
 		if len(acked) == killAt {
 			cmd.Process.Signal(syscall.SIGKILL)
 			break
@@ -135,15 +140,7 @@ func TestKill9LosesNoAcknowledgedWrite(t *testing.T) {
 	}
 	// Lines already in the pipe were written before the kill: they count.
 	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) == 2 {
-			s, _ := strconv.Atoi(f[1])
-			if f[0] == "B" {
-				begun[s] = true
-			} else {
-				acked[s] = true
-			}
-		}
+		record(sc.Text())
 	}
 	cmd.Wait()
 	if len(acked) < killAt {

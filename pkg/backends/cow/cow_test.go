@@ -318,11 +318,7 @@ func TestBadOptionsNamed(t *testing.T) {
 		}
 	}
 	for _, spec := range []string{"cow=true;memory:", "cow=true,cow-persist=true,cow-block=1Mi;data:,hi"} {
-		s, err := backends.Parse(spec)
-		if err != nil {
-			t.Fatal(err)
-		}
-		dev, err := backends.Open(ctx, s, backends.Env{StateDir: t.TempDir()})
+		dev, err := devtest.TryOpen(spec, backends.Env{StateDir: t.TempDir()})
 		if err != nil {
 			t.Fatalf("%q: %v", spec, err)
 		}

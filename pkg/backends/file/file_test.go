@@ -302,18 +302,7 @@ func TestReadOnly(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "disk.img")
 	os.WriteFile(p, bytes.Repeat([]byte{1}, 8192), 0o400)
 	d := open(t, "readonly=true;file://"+p)
-	if !d.Caps().ReadOnly {
-		t.Fatal("caps not read-only")
-	}
-	for name, err := range map[string]error{
-		"write": d.WriteAt(ctx, []byte{2}, 0, false),
-		"trim":  d.Trim(ctx, 0, 4096, false),
-		"zero":  d.Zero(ctx, 0, 4096, 0),
-	} {
-		if !errors.Is(err, syscall.EPERM) {
-			t.Errorf("%s on a read-only file: %v, want EPERM", name, err)
-		}
-	}
+	devtest.CheckReadOnly(t, d)
 	if err := d.Flush(ctx); err != nil {
 		t.Errorf("flush: %v", err)
 	}

@@ -32,11 +32,7 @@ func BenchmarkReadAt(b *testing.B) {
 		}
 		n := testserver.StartNginx(b, o)
 		n.WriteFile(b, "disk.img", data, mtime)
-		s, err := backends.Parse(spec + n.URL + "/disk.img")
-		if err != nil {
-			b.Fatal(err)
-		}
-		dev, err := backends.Open(context.Background(), s, backends.Env{})
+		dev, err := devtest.TryOpen(spec+n.URL+"/disk.img", backends.Env{})
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -57,12 +57,7 @@ func TestNginxRoundTrip(t *testing.T) {
 					t.Fatalf("read %v differs", r)
 				}
 			}
-			if err := dev.WriteAt(ctx, []byte{1}, 0, false); !errors.Is(err, syscall.EPERM) {
-				t.Fatalf("write: %v, want EPERM", err)
-			}
-			if err := dev.Zero(ctx, 0, 512, 0); !errors.Is(err, syscall.EPERM) {
-				t.Fatalf("zero: %v, want EPERM", err)
-			}
+			devtest.CheckReadOnly(t, dev)
 		})
 	}
 }

@@ -251,12 +251,7 @@ func TestServerErrorsAreNotRetried(t *testing.T) {
 	}
 	ro := startNbdkit(t, testserver.FreePort(t), "-r", "memory", "1M")
 	r := openSpec(t, ro.uri(), backends.Env{})
-	if !r.Caps().ReadOnly {
-		t.Fatal("read-only export not mirrored")
-	}
-	if err := r.WriteAt(ctx, []byte{1}, 0, false); !errors.Is(err, syscall.EPERM) {
-		t.Fatalf("write to a read-only export: %v", err)
-	}
+	devtest.CheckReadOnly(t, r)
 }
 
 // TestReconnect kills nbdkit (file plugin, so the data survives) while

@@ -18,6 +18,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testpki"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
@@ -381,9 +382,7 @@ func TestLease(t *testing.T) {
 	}
 	// Readers need no lease.
 	r := g.mustOpen(t, "leased", "readonly=true", "node-b")
-	if err := r.WriteAt(ctx, []byte{1}, 0, false); !errors.Is(err, syscall.EPERM) {
-		t.Fatalf("write to read-only open: %v", err)
-	}
+	devtest.CheckReadOnly(t, r)
 	// Deleting a volume in use is refused too.
 	if err := Delete(ctx, g.spec("leased", ""), g.env("controller")); !errors.Is(err, ErrLeased) {
 		t.Fatalf("delete while leased: %v", err)
