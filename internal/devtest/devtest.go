@@ -94,3 +94,18 @@ func CheckReadOnly(t testing.TB, d backends.Device) {
 		}
 	}
 }
+
+// CheckRead reads len(want) bytes at off from d and fails the test, naming
+// what and the first differing offset, unless they are want.
+func CheckRead(t testing.TB, what string, d backends.Device, off uint64, want []byte) {
+	t.Helper()
+	got := make([]byte, len(want))
+	if err := d.ReadAt(context.Background(), got, off); err != nil {
+		t.Fatalf("%s: read %d+%d: %v", what, off, len(want), err)
+	}
+	for i := range got {
+		if got[i] != want[i] {
+			t.Fatalf("%s: first difference at offset %d: %#x, want %#x", what, off+uint64(i), got[i], want[i])
+		}
+	}
+}

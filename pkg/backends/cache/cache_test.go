@@ -34,21 +34,21 @@ func TestHitsSkipSlowOrigin(t *testing.T) {
 	d := mustOpen(t, org, cfg(t, modeWriteback, 64<<20, bs))
 	defer d.Close()
 	for i := uint64(0); i < size; i += 4096 {
-		mustEq(t, "first pass", devtest.ReadAll(t, d, i, 4096), want[i:i+4096])
+		devtest.CheckRead(t, "first pass", d, i, want[i:i+4096])
 	}
 	misses := org.reads.Load()
 	if misses != size/bs {
 		t.Fatalf("first pass made %d backend reads, want one per block (%d)", misses, size/bs)
 	}
 	for i := uint64(0); i < size; i += 4096 {
-		mustEq(t, "second pass", devtest.ReadAll(t, d, i, 4096), want[i:i+4096])
+		devtest.CheckRead(t, "second pass", d, i, want[i:i+4096])
 	}
 	if n := org.reads.Load() - misses; n != 0 {
 		t.Fatalf("second pass made %d backend reads, want 0", n)
 	}
 	// One large read over cached and uncached ranges fetches the missing
 	// run in one request.
-	mustEq(t, "whole", devtest.ReadAll(t, d, 0, size), want)
+	devtest.CheckRead(t, "whole", d, 0, want)
 	if n := org.reads.Load() - misses; n != 0 {
 		t.Fatalf("whole read made %d backend reads, want 0", n)
 	}
@@ -117,7 +117,7 @@ func TestLRUEvictionUnderCap(t *testing.T) {
 	d := mustOpen(t, org, c)
 	defer d.Close()
 	for b := uint64(0); b < 64; b++ {
-		mustEq(t, "read", devtest.ReadAll(t, d, b*bs, bs), want[b*bs:(b+1)*bs])
+		devtest.CheckRead(t, "read", d, b*bs, want[b*bs:(b+1)*bs])
 		if used, _ := d.stats(); used > capBlocks {
 			t.Fatalf("after block %d: %d blocks cached, cap %d", b, used, capBlocks)
 		}
@@ -178,7 +178,7 @@ func TestDirtyNeverEvicted(t *testing.T) {
 	}
 	// More reads than the cap: all around the cache.
 	for b := uint64(capBlocks); b < 3*capBlocks; b++ {
-		mustEq(t, "read around", devtest.ReadAll(t, d, b*bs, bs), model[b*bs:(b+1)*bs])
+		devtest.CheckRead(t, "read around", d, b*bs, model[b*bs:(b+1)*bs])
 	}
 	for b := uint64(0); b < capBlocks; b++ {
 		if s := d.stateOf(b); s != stateDirty {
@@ -198,7 +198,7 @@ func TestDirtyNeverEvicted(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "backend after close", devtest.ReadAll(t, mem.Device, 0, 4<<20), model)
+	devtest.CheckRead(t, "backend after close", mem.Device, 0, model)
 }
 
 func TestWritebackFlushAndFUA(t *testing.T) {
@@ -213,11 +213,11 @@ func TestWritebackFlushAndFUA(t *testing.T) {
 	if org.writes.Load() != 0 {
 		t.Fatal("writeback wrote the backend before a flush")
 	}
-	mustEq(t, "read back", devtest.ReadAll(t, d, 1000, uint64(len(p))), p)
+	devtest.CheckRead(t, "read back", d, 1000, p)
 	if err := d.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "backend after flush", devtest.ReadAll(t, org.Device, 1000, uint64(len(p))), p)
+	devtest.CheckRead(t, "backend after flush", org.Device, 1000, p)
 	if org.flushes.Load() == 0 {
 		t.Fatal("flush did not flush the backend")
 	}
@@ -228,7 +228,7 @@ func TestWritebackFlushAndFUA(t *testing.T) {
 	if err := d.WriteAt(ctx, q, 2<<20+10, true); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "backend after FUA", devtest.ReadAll(t, org.Device, 2<<20+10, 5000), q)
+	devtest.CheckRead(t, "backend after FUA", org.Device, 2<<20+10, q)
 }
 
 func TestWritethroughAcksAfterBackend(t *testing.T) {
@@ -241,9 +241,9 @@ func TestWritethroughAcksAfterBackend(t *testing.T) {
 	if err := d.WriteAt(ctx, p, bs/2, false); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "backend", devtest.ReadAll(t, org.Device, bs/2, bs), p)
+	devtest.CheckRead(t, "backend", org.Device, bs/2, p)
 	reads := org.reads.Load()
-	mustEq(t, "cache", devtest.ReadAll(t, d, bs/2, bs), p)
+	devtest.CheckRead(t, "cache", d, bs/2, p)
 	if org.reads.Load() != reads {
 		t.Fatal("a written cached block was not served from the cache")
 	}
@@ -275,7 +275,7 @@ func TestUnsafeIgnoresFlushButCloseWritesBack(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "backend after close", devtest.ReadAll(t, org.Device, 0, 10000), p)
+	devtest.CheckRead(t, "backend after close", org.Device, 0, p)
 	if !org.closed.Load() {
 		t.Fatal("Close did not close the backend")
 	}
@@ -290,9 +290,9 @@ func TestReadOnlyBackendIsReadCache(t *testing.T) {
 	if !d.Caps().ReadOnly {
 		t.Fatal("Caps.ReadOnly lost")
 	}
-	mustEq(t, "read", devtest.ReadAll(t, d, 0, 300000), img)
+	devtest.CheckRead(t, "read", d, 0, img)
 	n := org.reads.Load()
-	mustEq(t, "again", devtest.ReadAll(t, d, 1000, 200000), img[1000:201000])
+	devtest.CheckRead(t, "again", d, 1000, img[1000:201000])
 	if org.reads.Load() != n {
 		t.Fatal("read-only backend not cached")
 	}
@@ -312,7 +312,7 @@ func TestReopenKeepsCleanBlocks(t *testing.T) {
 	org2 := &countDev{Device: org.Device}
 	d = mustOpen(t, org2, c)
 	defer d.Close()
-	mustEq(t, "warm", devtest.ReadAll(t, d, 0, 1<<20), want[:1<<20])
+	devtest.CheckRead(t, "warm", d, 0, want[:1<<20])
 	if org2.reads.Load() != 0 {
 		t.Fatalf("reopened cache made %d backend reads", org2.reads.Load())
 	}
@@ -356,16 +356,16 @@ func TestZeroAndTrim(t *testing.T) {
 				t.Fatal(err)
 			}
 			clear(model[5*bs+100 : 12*bs+100])
-			mustEq(t, "after zero", devtest.ReadAll(t, d, 0, 64*bs), model)
+			devtest.CheckRead(t, "after zero", d, 0, model)
 			if err := d.Trim(ctx, 30*bs, 4*bs, false); err != nil {
 				t.Fatal(err)
 			}
 			clear(model[30*bs : 34*bs])
-			mustEq(t, "after trim", devtest.ReadAll(t, d, 0, 64*bs), model)
+			devtest.CheckRead(t, "after trim", d, 0, model)
 			if err := d.Flush(ctx); err != nil {
 				t.Fatal(err)
 			}
-			mustEq(t, "backend", devtest.ReadAll(t, org.Device, 0, 64*bs), model)
+			devtest.CheckRead(t, "backend", org.Device, 0, model)
 		})
 	}
 }
@@ -440,14 +440,14 @@ func TestRandomConcurrentModel(t *testing.T) {
 			for err := range errc {
 				t.Fatal(err)
 			}
-			mustEq(t, "through cache", devtest.ReadAll(t, d, 0, size), model)
+			devtest.CheckRead(t, "through cache", d, 0, model)
 			if used, _ := d.stats(); used > 24 {
 				t.Fatalf("%d blocks cached over a cap of 24", used)
 			}
 			if err := d.Close(); err != nil {
 				t.Fatal(err)
 			}
-			mustEq(t, "backend after close", devtest.ReadAll(t, org.Device, 0, size), model)
+			devtest.CheckRead(t, "backend after close", org.Device, 0, model)
 		})
 	}
 }
@@ -543,7 +543,7 @@ func TestResizeForwards(t *testing.T) {
 	fd.WriteAt(ctx, want, 0, false)
 	d = mustOpen(t, fd, cfg(t, modeWriteback, 1<<20, 16<<10))
 	defer d.Close()
-	mustEq(t, "before", devtest.ReadAll(t, d, 0, size), want)
+	devtest.CheckRead(t, "before", d, 0, want)
 	if err := backends.Resize(ctx, d, 3*size); err != nil {
 		t.Fatal(err)
 	}
@@ -551,7 +551,7 @@ func TestResizeForwards(t *testing.T) {
 		t.Fatalf("sizes after resize: cache %d, backend %d", d.Size(), fd.size)
 	}
 	want = append(want, make([]byte, 2*size)...)
-	mustEq(t, "after", devtest.ReadAll(t, d, 0, 3*size), want)
+	devtest.CheckRead(t, "after", d, 0, want)
 	p := pattern(5000, 9)
 	if err := d.WriteAt(ctx, p, 2*size, false); err != nil {
 		t.Fatal(err)
@@ -560,7 +560,7 @@ func TestResizeForwards(t *testing.T) {
 	if err := d.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "backend", devtest.ReadAll(t, fd, 0, 3*size), want)
+	devtest.CheckRead(t, "backend", fd, 0, want)
 	if err := backends.Resize(ctx, d, size); !errors.Is(err, backends.ErrInvalid) {
 		t.Fatalf("shrink: %v, want EINVAL", err)
 	}
@@ -580,7 +580,7 @@ func TestStackCowOverCacheOverData(t *testing.T) {
 	if err := dev.WriteAt(ctx, []byte("written over a read-only cached origin"), 1000, false); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "stack", devtest.ReadAll(t, dev, 0, 256<<10), want)
+	devtest.CheckRead(t, "stack", dev, 0, want)
 }
 
 func TestMain(m *testing.M) {

@@ -306,10 +306,7 @@ func TestReadOnly(t *testing.T) {
 	if err := d.Flush(ctx); err != nil {
 		t.Errorf("flush: %v", err)
 	}
-	got := make([]byte, 8192)
-	if err := d.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{1}, 8192)) {
-		t.Fatalf("read: %v", err)
-	}
+	devtest.CheckRead(t, "read", d, 0, bytes.Repeat([]byte{1}, 8192))
 	if err := devtest.OpenErr(t, "readonly=true,size=1Mi;file://"+p, backends.Env{}); !strings.Contains(err.Error(), "forbids growing") {
 		t.Fatalf("growing a read-only file: %v", err)
 	}
@@ -399,13 +396,7 @@ func TestBlockDevice(t *testing.T) {
 		if err := d.Zero(ctx, 0, 4096, backends.ZeroFast); !errors.Is(err, syscall.ENOTSUP) {
 			t.Fatalf("fast zero on a block device: %v", err)
 		}
-		got := make([]byte, len(data))
-		if err := d.ReadAt(ctx, got, 1000); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, data) {
-			t.Fatalf("direct=%s: block device data differs", direct)
-		}
+		devtest.CheckRead(t, "direct="+direct+": block device data", d, 1000, data)
 		if err := d.Flush(ctx); err != nil {
 			t.Fatal(err)
 		}

@@ -41,13 +41,7 @@ func TestNginxRoundTrip(t *testing.T) {
 			}
 			ctx := context.Background()
 			// One read of everything: split into parallel range GETs.
-			got := make([]byte, len(data))
-			if err := dev.ReadAt(ctx, got, 0); err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(got, data) {
-				t.Fatal("whole read differs")
-			}
+			devtest.CheckRead(t, "whole read", dev, 0, data)
 			for _, r := range [][2]int{{0, 1}, {1, 4095}, {4096, 4096}, {len(data) - 1, 1}, {len(data) - 70000, 70000}, {3<<20 - 7, 5 << 20}} {
 				p := make([]byte, r[1])
 				if err := dev.ReadAt(ctx, p, uint64(r[0])); err != nil {
@@ -213,22 +207,14 @@ func TestNginxHTTPSWithCA(t *testing.T) {
 		t.Fatalf("open with a missing CA file: %v; want an error naming option ca", err)
 	}
 	dev := devtest.Open(t, "ca="+caFile+";"+n.URL+"/disk.img", backends.Env{})
-	got := make([]byte, len(data))
-	if err := dev.ReadAt(context.Background(), got, 0); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got, data) {
-		t.Fatal("https read differs")
-	}
+	devtest.CheckRead(t, "https read", dev, 0, data)
 	// nginx offers HTTP/2 through ALPN, and the backend takes it.
 	if log := n.AccessLog(); !strings.Contains(log, "HTTP/2.0\" 206") || strings.Contains(log, "HTTP/1.1\" 206") {
 		t.Fatalf("want only HTTP/2 range requests in nginx's access log:\n%s", log)
 	}
 	// http2=false keeps to HTTP/1.1.
 	dev = devtest.Open(t, "http2=false,ca="+caFile+";"+n.URL+"/disk.img", backends.Env{})
-	if err := dev.ReadAt(context.Background(), got[:4096], 0); err != nil {
-		t.Fatal(err)
-	}
+	devtest.CheckRead(t, "http/1.1 read", dev, 0, data[:4096])
 	if log := n.AccessLog(); !strings.Contains(log, "HTTP/1.1\" 206") {
 		t.Fatalf("no HTTP/1.1 range request in nginx's access log with http2=false:\n%s", log)
 	}

@@ -70,13 +70,7 @@ func TestHeaderSecret(t *testing.T) {
 		seen = nil
 		mu.Unlock()
 		dev := devtest.Open(t, spec, backends.Env{Secrets: map[string]string{"origin-token": secret}})
-		got := make([]byte, len(data))
-		if err := dev.ReadAt(context.Background(), got, 0); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, data) {
-			t.Fatal("read differs")
-		}
+		devtest.CheckRead(t, "read", dev, 0, data)
 		mu.Lock()
 		if len(seen) < 2 {
 			t.Fatalf("%d requests, want the probe and a read", len(seen))
@@ -145,17 +139,12 @@ func TestRetriesOn5xx(t *testing.T) {
 	if d := devtest.Open(t, "retries=3;"+busy.URL+"/disk.img", backends.Env{}); d.Size() != uint64(len(data)) || probes.Load() != 3 {
 		t.Fatalf("open through two 503s: size %d after %d requests", d.Size(), probes.Load())
 	}
-	got := make([]byte, 4096)
-	if err := dev.ReadAt(context.Background(), got, 8192); err != nil {
-		t.Fatalf("read through two 503s: %v", err)
-	}
-	if !bytes.Equal(got, data[8192:8192+4096]) {
-		t.Fatal("read differs")
-	}
+	devtest.CheckRead(t, "read through two 503s", dev, 8192, data[8192:8192+4096])
 	if n := ranged.Load(); n != 3 {
 		t.Fatalf("%d requests, want 3 (two 503s, one success)", n)
 	}
 	// A lasting failure gives up after the retries, with EIO.
+	got := make([]byte, 4096)
 	ranged.Store(0)
 	failFirst.Store(100)
 	if err := dev.ReadAt(context.Background(), got, 0); !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "503") {
@@ -324,10 +313,7 @@ func TestSizeOption(t *testing.T) {
 		t.Fatalf("open of a sizeless origin: %v; want a request for option size", err)
 	}
 	dev := devtest.Open(t, "size=10000;"+s.URL+"/stream", backends.Env{})
-	got := make([]byte, 10000)
-	if err := dev.ReadAt(context.Background(), got, 0); err != nil || !bytes.Equal(got, data) {
-		t.Fatalf("read of a sizeless origin: %v", err)
-	}
+	devtest.CheckRead(t, "read of a sizeless origin", dev, 0, data)
 
 	// HEAD fills in what the range reply left out.
 	headLength.Store(true)
@@ -452,13 +438,7 @@ func TestParallelChunksCapped(t *testing.T) {
 			serveObject(w, r, data, `"v1"`)
 		})
 		dev := devtest.Open(t, fmt.Sprintf("connections=%d;%s/disk.img", conns, s.URL), backends.Env{})
-		got := make([]byte, len(data))
-		if err := dev.ReadAt(context.Background(), got, 0); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, data) {
-			t.Fatal("read differs")
-		}
+		devtest.CheckRead(t, "read", dev, 0, data)
 		mu.Lock()
 		if most != conns {
 			t.Errorf("connections=%d: at most %d requests were in flight, want exactly %d", conns, most, conns)
@@ -500,13 +480,7 @@ func TestRetryBrokenBody(t *testing.T) {
 		serveObject(w, r, data, `"v1"`)
 	})
 	dev := devtest.Open(t, s.URL+"/disk.img", backends.Env{})
-	got := make([]byte, len(data))
-	if err := dev.ReadAt(context.Background(), got, 0); err != nil {
-		t.Fatalf("read through a broken connection: %v", err)
-	}
-	if !bytes.Equal(got, data) {
-		t.Fatal("read differs")
-	}
+	devtest.CheckRead(t, "read through a broken connection", dev, 0, data)
 	if n := broken.Load(); n != 2 {
 		t.Fatalf("%d range requests, want 2", n)
 	}

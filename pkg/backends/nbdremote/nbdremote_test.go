@@ -230,11 +230,7 @@ func TestOwnServer(t *testing.T) {
 			t.Fatalf("%s: connections %d caps %+v", uri, len(d.slots), d.Caps())
 		}
 		model := exercise(t, d, 16<<20)
-		got := make([]byte, 16<<20)
-		vol.ReadAt(ctx, got, 0)
-		if !bytes.Equal(got, model) {
-			t.Fatalf("%s: the volume holds different data", uri)
-		}
+		devtest.CheckRead(t, uri+": the volume", vol, 0, model)
 	}
 }
 
