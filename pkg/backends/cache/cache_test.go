@@ -616,7 +616,7 @@ func TestDefaultDirKeyedByBackend(t *testing.T) {
 func TestDefaultDirKeepsVolumeOption(t *testing.T) {
 	a, _ := backends.Parse("cache=writeback,volume=pvc-1;memory:")
 	b, _ := backends.Parse("cache=writeback,volume=pvc-2;memory:")
-	if backends.VolumeKey(BackendSpec(a)) == backends.VolumeKey(BackendSpec(b)) {
+	if backends.VolumeKey(backends.BackendSpec(a)) == backends.VolumeKey(backends.BackendSpec(b)) {
 		t.Fatal("volume= dropped from the cache directory's key")
 	}
 }
