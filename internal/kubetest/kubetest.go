@@ -88,11 +88,34 @@ func (s *Server) Kubeconfig(t testing.TB) string {
 	return p
 }
 
+// Options adjust the API server StartWith runs.
+type Options struct {
+	// AuthorizationMode is kube-apiserver's --authorization-mode; empty
+	// means AlwaysAllow. It is an option rather than an Arg because the
+	// flag is a list: given twice, the modes add up instead of the last
+	// one winning. "RBAC" makes the server check role escalation as a
+	// real cluster does (the admin is in system:masters either way).
+	AuthorizationMode string
+	// Args go to kube-apiserver after the defaults (e.g.
+	// --runtime-config=… to turn an API off, --allow-privileged=true).
+	Args []string
+}
+
 // Start runs etcd and kube-apiserver for the test's lifetime and waits
 // until the API server is ready. extraArgs go to kube-apiserver (e.g.
 // --runtime-config=… to turn an API off).
 func Start(t testing.TB, extraArgs ...string) *Server {
 	t.Helper()
+	return StartWith(t, Options{Args: extraArgs})
+}
+
+// StartWith is Start with Options.
+func StartWith(t testing.TB, o Options) *Server {
+	t.Helper()
+	authz := o.AuthorizationMode
+	if authz == "" {
+		authz = "AlwaysAllow"
+	}
 	bin := Bin(t)
 	dir := t.TempDir()
 
@@ -139,13 +162,13 @@ func Start(t testing.TB, extraArgs ...string) *Server {
 		"--tls-cert-file=" + filepath.Join(dir, "server.pem"), "--tls-private-key-file=" + filepath.Join(dir, "server.key"),
 		"--cert-dir=" + filepath.Join(dir, "certs"),
 		"--token-auth-file=" + filepath.Join(dir, "tokens.csv"),
-		"--authorization-mode=AlwaysAllow",
+		"--authorization-mode=" + authz,
 		"--service-account-issuer=https://kubernetes.default.svc",
 		"--service-account-key-file=" + filepath.Join(dir, "sa.pub"),
 		"--service-account-signing-key-file=" + filepath.Join(dir, "sa.key"),
 		"--service-cluster-ip-range=10.96.0.0/16",
 		"--endpoint-reconciler-type=none",
-		"--v=1"}, extraArgs...)...)
+		"--v=1"}, o.Args...)...)
 
 	s := &Server{Config: &rest.Config{
 		Host:            "https://" + testserver.Addr(port),

@@ -21,7 +21,6 @@ import (
 	"fmt"
 	"math/bits"
 	"path/filepath"
-	"slices"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
@@ -175,25 +174,9 @@ func wrap(ctx context.Context, s backends.Spec, env backends.Env, inner backends
 		return inner, nil // Enabled saw no option: nothing to do
 	}
 	if c.Dir == "" {
-		if c.Dir, err = env.Dir("cache", BackendSpec(s)); err != nil {
+		if c.Dir, err = env.Dir("cache", backends.BackendSpec(s)); err != nil {
 			return nil, fmt.Errorf("option %q: %w", keyDir, err)
 		}
 	}
 	return Open(ctx, inner, c)
-}
-
-// BackendSpec is s without any filter's options: the identity of the data
-// underneath. The default cache directory is keyed by it, so retuning the
-// cache (or any other filter) finds the same directory again, and dirty
-// blocks left by a crash are written back instead of stranded.
-func BackendSpec(s backends.Spec) backends.Spec {
-	out := backends.Spec{Options: map[string]string{}, URL: s.URL}
-	b, _ := backends.LookupBackend(s.Scheme())
-	// The common options (volume=) name the volume, so they stay.
-	for _, o := range slices.Concat(backends.CommonOptions, b.Options) {
-		if v, ok := s.Options[o.Key]; ok {
-			out.Options[o.Key] = v
-		}
-	}
-	return out
 }

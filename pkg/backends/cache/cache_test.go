@@ -8,12 +8,14 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/data"
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/memory"
@@ -32,21 +34,21 @@ func TestHitsSkipSlowOrigin(t *testing.T) {
 	d := mustOpen(t, org, cfg(t, modeWriteback, 64<<20, bs))
 	defer d.Close()
 	for i := uint64(0); i < size; i += 4096 {
-		mustEq(t, "first pass", readAll(t, d, i, 4096), want[i:i+4096])
+		devtest.CheckRead(t, "first pass", d, i, want[i:i+4096])
 	}
 	misses := org.reads.Load()
 	if misses != size/bs {
 		t.Fatalf("first pass made %d backend reads, want one per block (%d)", misses, size/bs)
 	}
 	for i := uint64(0); i < size; i += 4096 {
-		mustEq(t, "second pass", readAll(t, d, i, 4096), want[i:i+4096])
+		devtest.CheckRead(t, "second pass", d, i, want[i:i+4096])
 	}
 	if n := org.reads.Load() - misses; n != 0 {
 		t.Fatalf("second pass made %d backend reads, want 0", n)
 	}
 	// One large read over cached and uncached ranges fetches the missing
 	// run in one request.
-	mustEq(t, "whole", readAll(t, d, 0, size), want)
+	devtest.CheckRead(t, "whole", d, 0, want)
 	if n := org.reads.Load() - misses; n != 0 {
 		t.Fatalf("whole read made %d backend reads, want 0", n)
 	}
@@ -115,7 +117,7 @@ func TestLRUEvictionUnderCap(t *testing.T) {
 	d := mustOpen(t, org, c)
 	defer d.Close()
 	for b := uint64(0); b < 64; b++ {
-		mustEq(t, "read", readAll(t, d, b*bs, bs), want[b*bs:(b+1)*bs])
+		devtest.CheckRead(t, "read", d, b*bs, want[b*bs:(b+1)*bs])
 		if used, _ := d.stats(); used > capBlocks {
 			t.Fatalf("after block %d: %d blocks cached, cap %d", b, used, capBlocks)
 		}
@@ -130,20 +132,20 @@ func TestLRUEvictionUnderCap(t *testing.T) {
 		t.Fatalf("data file holds %d bytes, cap %d: holes not punched", alloc, capBlocks*bs)
 	}
 	before := org.reads.Load()
-	readAll(t, d, 63*bs, bs) // most recent: a hit
+	devtest.ReadAll(t, d, 63*bs, bs) // most recent: a hit
 	if org.reads.Load() != before {
 		t.Fatal("most recently read block was evicted")
 	}
-	readAll(t, d, 0, bs) // least recent: gone
+	devtest.ReadAll(t, d, 0, bs) // least recent: gone
 	if org.reads.Load() != before+1 {
 		t.Fatal("least recently read block is still cached")
 	}
 	// Touching a block keeps it: read 10, then fill past the cap again.
-	readAll(t, d, 10*bs, bs)
-	readAll(t, d, 10*bs, bs)
+	devtest.ReadAll(t, d, 10*bs, bs)
+	devtest.ReadAll(t, d, 10*bs, bs)
 	for b := uint64(20); b < 34; b++ {
-		readAll(t, d, b*bs, bs)
-		readAll(t, d, 10*bs, bs)
+		devtest.ReadAll(t, d, b*bs, bs)
+		devtest.ReadAll(t, d, 10*bs, bs)
 	}
 	if d.stateOf(10) != stateClean {
 		t.Fatal("a block read all along was evicted")
@@ -176,7 +178,7 @@ func TestDirtyNeverEvicted(t *testing.T) {
 	}
 	// More reads than the cap: all around the cache.
 	for b := uint64(capBlocks); b < 3*capBlocks; b++ {
-		mustEq(t, "read around", readAll(t, d, b*bs, bs), model[b*bs:(b+1)*bs])
+		devtest.CheckRead(t, "read around", d, b*bs, model[b*bs:(b+1)*bs])
 	}
 	for b := uint64(0); b < capBlocks; b++ {
 		if s := d.stateOf(b); s != stateDirty {
@@ -196,7 +198,7 @@ func TestDirtyNeverEvicted(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "backend after close", readAll(t, mem.Device, 0, 4<<20), model)
+	devtest.CheckRead(t, "backend after close", mem.Device, 0, model)
 }
 
 func TestWritebackFlushAndFUA(t *testing.T) {
@@ -211,11 +213,11 @@ func TestWritebackFlushAndFUA(t *testing.T) {
 	if org.writes.Load() != 0 {
 		t.Fatal("writeback wrote the backend before a flush")
 	}
-	mustEq(t, "read back", readAll(t, d, 1000, uint64(len(p))), p)
+	devtest.CheckRead(t, "read back", d, 1000, p)
 	if err := d.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "backend after flush", readAll(t, org.Device, 1000, uint64(len(p))), p)
+	devtest.CheckRead(t, "backend after flush", org.Device, 1000, p)
 	if org.flushes.Load() == 0 {
 		t.Fatal("flush did not flush the backend")
 	}
@@ -226,7 +228,7 @@ func TestWritebackFlushAndFUA(t *testing.T) {
 	if err := d.WriteAt(ctx, q, 2<<20+10, true); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "backend after FUA", readAll(t, org.Device, 2<<20+10, 5000), q)
+	devtest.CheckRead(t, "backend after FUA", org.Device, 2<<20+10, q)
 }
 
 func TestWritethroughAcksAfterBackend(t *testing.T) {
@@ -234,14 +236,14 @@ func TestWritethroughAcksAfterBackend(t *testing.T) {
 	org := newMem(4 << 20)
 	d := mustOpen(t, org, cfg(t, modeWritethrough, 1<<20, bs))
 	defer d.Close()
-	readAll(t, d, 0, 2*bs) // cache two blocks
+	devtest.ReadAll(t, d, 0, 2*bs) // cache two blocks
 	p := pattern(bs, 7)
 	if err := d.WriteAt(ctx, p, bs/2, false); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "backend", readAll(t, org.Device, bs/2, bs), p)
+	devtest.CheckRead(t, "backend", org.Device, bs/2, p)
 	reads := org.reads.Load()
-	mustEq(t, "cache", readAll(t, d, bs/2, bs), p)
+	devtest.CheckRead(t, "cache", d, bs/2, p)
 	if org.reads.Load() != reads {
 		t.Fatal("a written cached block was not served from the cache")
 	}
@@ -273,7 +275,7 @@ func TestUnsafeIgnoresFlushButCloseWritesBack(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "backend after close", readAll(t, org.Device, 0, 10000), p)
+	devtest.CheckRead(t, "backend after close", org.Device, 0, p)
 	if !org.closed.Load() {
 		t.Fatal("Close did not close the backend")
 	}
@@ -288,21 +290,13 @@ func TestReadOnlyBackendIsReadCache(t *testing.T) {
 	if !d.Caps().ReadOnly {
 		t.Fatal("Caps.ReadOnly lost")
 	}
-	mustEq(t, "read", readAll(t, d, 0, 300000), img)
+	devtest.CheckRead(t, "read", d, 0, img)
 	n := org.reads.Load()
-	mustEq(t, "again", readAll(t, d, 1000, 200000), img[1000:201000])
+	devtest.CheckRead(t, "again", d, 1000, img[1000:201000])
 	if org.reads.Load() != n {
 		t.Fatal("read-only backend not cached")
 	}
-	for name, err := range map[string]error{
-		"write": d.WriteAt(ctx, []byte{1}, 0, false),
-		"trim":  d.Trim(ctx, 0, 4096, false),
-		"zero":  d.Zero(ctx, 0, 4096, 0),
-	} {
-		if !errors.Is(err, syscall.EPERM) {
-			t.Errorf("%s: %v, want EPERM", name, err)
-		}
-	}
+	devtest.CheckReadOnly(t, d)
 }
 
 // A closed cache is reopened warm: its blocks are served without the
@@ -313,12 +307,12 @@ func TestReopenKeepsCleanBlocks(t *testing.T) {
 	org.Device.WriteAt(ctx, want, 0, false)
 	c := cfg(t, modeWriteback, 4<<20, 64<<10)
 	d := mustOpen(t, org, c)
-	readAll(t, d, 0, 1<<20)
+	devtest.ReadAll(t, d, 0, 1<<20)
 	d.Close()
 	org2 := &countDev{Device: org.Device}
 	d = mustOpen(t, org2, c)
 	defer d.Close()
-	mustEq(t, "warm", readAll(t, d, 0, 1<<20), want[:1<<20])
+	devtest.CheckRead(t, "warm", d, 0, want[:1<<20])
 	if org2.reads.Load() != 0 {
 		t.Fatalf("reopened cache made %d backend reads", org2.reads.Load())
 	}
@@ -342,13 +336,8 @@ func TestExtentsReportDirtyAsData(t *testing.T) {
 	}
 	hole := backends.ExtentHole | backends.ExtentZero
 	want := []backends.Extent{{Length: 3 * bs, Flags: hole}, {Length: bs}, {Length: 1<<20 - 4*bs, Flags: hole}}
-	if len(got) != len(want) {
+	if !slices.Equal(got, want) {
 		t.Fatalf("extents %v, want %v", got, want)
-	}
-	for i := range got {
-		if got[i] != want[i] {
-			t.Fatalf("extents %v, want %v", got, want)
-		}
 	}
 }
 
@@ -360,23 +349,23 @@ func TestZeroAndTrim(t *testing.T) {
 			org.Device.WriteAt(ctx, pattern(64*bs, 1), 0, false)
 			d := mustOpen(t, org, cfg(t, m, 1<<20, bs))
 			defer d.Close()
-			model := readAll(t, d, 0, 64*bs)
+			model := devtest.ReadAll(t, d, 0, 64*bs)
 			d.WriteAt(ctx, pattern(3*bs, 2), 10*bs, false)
 			copy(model[10*bs:], pattern(3*bs, 2))
 			if err := d.Zero(ctx, 5*bs+100, 7*bs, 0); err != nil {
 				t.Fatal(err)
 			}
 			clear(model[5*bs+100 : 12*bs+100])
-			mustEq(t, "after zero", readAll(t, d, 0, 64*bs), model)
+			devtest.CheckRead(t, "after zero", d, 0, model)
 			if err := d.Trim(ctx, 30*bs, 4*bs, false); err != nil {
 				t.Fatal(err)
 			}
 			clear(model[30*bs : 34*bs])
-			mustEq(t, "after trim", readAll(t, d, 0, 64*bs), model)
+			devtest.CheckRead(t, "after trim", d, 0, model)
 			if err := d.Flush(ctx); err != nil {
 				t.Fatal(err)
 			}
-			mustEq(t, "backend", readAll(t, org.Device, 0, 64*bs), model)
+			devtest.CheckRead(t, "backend", org.Device, 0, model)
 		})
 	}
 }
@@ -451,14 +440,14 @@ func TestRandomConcurrentModel(t *testing.T) {
 			for err := range errc {
 				t.Fatal(err)
 			}
-			mustEq(t, "through cache", readAll(t, d, 0, size), model)
+			devtest.CheckRead(t, "through cache", d, 0, model)
 			if used, _ := d.stats(); used > 24 {
 				t.Fatalf("%d blocks cached over a cap of 24", used)
 			}
 			if err := d.Close(); err != nil {
 				t.Fatal(err)
 			}
-			mustEq(t, "backend after close", readAll(t, org.Device, 0, size), model)
+			devtest.CheckRead(t, "backend after close", org.Device, 0, model)
 		})
 	}
 }
@@ -508,11 +497,7 @@ func TestBadOptionsNamed(t *testing.T) {
 		"cache=writethrough,cache-block=4Ki,cache-size=1Mi,size=1Mi;memory:",
 		"cache=unsafe,cache-on-read=false,cache-dir=" + filepath.Join(dir, "c") + ";memory:",
 	} {
-		s, err := backends.Parse(spec)
-		if err != nil {
-			t.Fatalf("%q: %v", spec, err)
-		}
-		dev, err := backends.Open(ctx, s, backends.Env{StateDir: t.TempDir()})
+		dev, err := devtest.TryOpen(spec, backends.Env{StateDir: t.TempDir()})
 		if err != nil {
 			t.Fatalf("%q: %v", spec, err)
 		}
@@ -530,13 +515,13 @@ func TestNoCacheOnRead(t *testing.T) {
 	c.OnRead = false
 	d := mustOpen(t, org, c)
 	defer d.Close()
-	readAll(t, d, 0, 8192)
-	readAll(t, d, 0, 8192)
+	devtest.ReadAll(t, d, 0, 8192)
+	devtest.ReadAll(t, d, 0, 8192)
 	if org.reads.Load() != 2 {
 		t.Fatalf("%d backend reads, want 2 (nothing cached)", org.reads.Load())
 	}
 	d.WriteAt(ctx, pattern(4096, 1), 0, false)
-	readAll(t, d, 0, 4096)
+	devtest.ReadAll(t, d, 0, 4096)
 	if org.reads.Load() != 2 {
 		t.Fatal("written block not served from the cache")
 	}
@@ -558,7 +543,7 @@ func TestResizeForwards(t *testing.T) {
 	fd.WriteAt(ctx, want, 0, false)
 	d = mustOpen(t, fd, cfg(t, modeWriteback, 1<<20, 16<<10))
 	defer d.Close()
-	mustEq(t, "before", readAll(t, d, 0, size), want)
+	devtest.CheckRead(t, "before", d, 0, want)
 	if err := backends.Resize(ctx, d, 3*size); err != nil {
 		t.Fatal(err)
 	}
@@ -566,7 +551,7 @@ func TestResizeForwards(t *testing.T) {
 		t.Fatalf("sizes after resize: cache %d, backend %d", d.Size(), fd.size)
 	}
 	want = append(want, make([]byte, 2*size)...)
-	mustEq(t, "after", readAll(t, d, 0, 3*size), want)
+	devtest.CheckRead(t, "after", d, 0, want)
 	p := pattern(5000, 9)
 	if err := d.WriteAt(ctx, p, 2*size, false); err != nil {
 		t.Fatal(err)
@@ -575,7 +560,7 @@ func TestResizeForwards(t *testing.T) {
 	if err := d.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "backend", readAll(t, fd, 0, 3*size), want)
+	devtest.CheckRead(t, "backend", fd, 0, want)
 	if err := backends.Resize(ctx, d, size); !errors.Is(err, backends.ErrInvalid) {
 		t.Fatalf("shrink: %v, want EINVAL", err)
 	}
@@ -585,16 +570,8 @@ func TestResizeForwards(t *testing.T) {
 // spec's order, and the stack works as one volume.
 func TestStackCowOverCacheOverData(t *testing.T) {
 	img := pattern(50000, 3)
-	s, err := backends.Parse("cow=true,cow-block=4Ki,cache=writeback,cache-block=4Ki,size=256Ki;data:;base64," +
-		base64.StdEncoding.EncodeToString(img))
-	if err != nil {
-		t.Fatal(err)
-	}
-	dev, err := backends.Open(ctx, s, backends.Env{StateDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dev.Close()
+	dev := devtest.Open(t, "cow=true,cow-block=4Ki,cache=writeback,cache-block=4Ki,size=256Ki;data:;base64,"+
+		base64.StdEncoding.EncodeToString(img), backends.Env{StateDir: t.TempDir()})
 	if got := fmt.Sprintf("%T", dev); got != "*cow.Device" {
 		t.Fatalf("outermost layer %s, want *cow.Device", got)
 	}
@@ -603,7 +580,7 @@ func TestStackCowOverCacheOverData(t *testing.T) {
 	if err := dev.WriteAt(ctx, []byte("written over a read-only cached origin"), 1000, false); err != nil {
 		t.Fatal(err)
 	}
-	mustEq(t, "stack", readAll(t, dev, 0, 256<<10), want)
+	devtest.CheckRead(t, "stack", dev, 0, want)
 }
 
 func TestMain(m *testing.M) {
@@ -619,11 +596,7 @@ func TestMain(m *testing.M) {
 func TestDefaultDirKeyedByBackend(t *testing.T) {
 	env := backends.Env{StateDir: t.TempDir()}
 	dir := func(spec string) string {
-		s, err := backends.Parse(spec)
-		if err != nil {
-			t.Fatal(err)
-		}
-		dev, err := backends.Open(ctx, s, env)
+		dev, err := devtest.TryOpen(spec, env)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -643,7 +616,7 @@ func TestDefaultDirKeyedByBackend(t *testing.T) {
 func TestDefaultDirKeepsVolumeOption(t *testing.T) {
 	a, _ := backends.Parse("cache=writeback,volume=pvc-1;memory:")
 	b, _ := backends.Parse("cache=writeback,volume=pvc-2;memory:")
-	if backends.VolumeKey(BackendSpec(a)) == backends.VolumeKey(BackendSpec(b)) {
+	if backends.VolumeKey(backends.BackendSpec(a)) == backends.VolumeKey(backends.BackendSpec(b)) {
 		t.Fatal("volume= dropped from the cache directory's key")
 	}
 }

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 )
 
 // The kill -9 test: a child process (this test binary, re-executed) writes
@@ -114,10 +116,10 @@ func TestKill9LosesNoAcknowledgedWrite(t *testing.T) {
 		t.Fatal(err)
 	}
 	begun, acked := map[int]bool{}, map[int]bool{}
-	sc := bufio.NewScanner(out)
-	killAt := crashSlots / 5
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
+	// The child prints "B slot" as a write begins and "A slot" once it is
+	// acknowledged.
+	record := func(line string) {
+		f := strings.Fields(line)
 		if len(f) == 2 {
 			s, _ := strconv.Atoi(f[1])
 			if f[0] == "B" {
@@ -126,6 +128,11 @@ func TestKill9LosesNoAcknowledgedWrite(t *testing.T) {
 				acked[s] = true
 			}
 		}
+	}
+	sc := bufio.NewScanner(out)
+	killAt := crashSlots / 5
+	for sc.Scan() {
+		record(sc.Text())
 		if len(acked) == killAt {
 			cmd.Process.Signal(syscall.SIGKILL)
 			break
@@ -133,15 +140,7 @@ func TestKill9LosesNoAcknowledgedWrite(t *testing.T) {
 	}
 	// Lines already in the pipe were written before the kill: they count.
 	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) == 2 {
-			s, _ := strconv.Atoi(f[1])
-			if f[0] == "B" {
-				begun[s] = true
-			} else {
-				acked[s] = true
-			}
-		}
+		record(sc.Text())
 	}
 	cmd.Wait()
 	if len(acked) < killAt {
@@ -157,7 +156,7 @@ func TestKill9LosesNoAcknowledgedWrite(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	check("through the reopened cache", readAll(t, d, 0, crashSize))
+	check("through the reopened cache", devtest.ReadAll(t, d, 0, crashSize))
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -208,7 +207,7 @@ func TestRebootDropsUncleanCacheKeepsCleanOne(t *testing.T) {
 	c := cfg(t, modeWriteback, 1<<20, bs)
 
 	d := mustOpen(t, org, c)
-	readAll(t, d, 0, 64*bs)                       // clean blocks
+	devtest.ReadAll(t, d, 0, 64*bs)               // clean blocks
 	d.WriteAt(ctx, pattern(bs, 9), 100*bs, false) // a dirty one
 	d.crashClose()
 	setMapHeader(t, c.Dir, [16]byte{0xde, 0xad}, 0) // written in another boot
@@ -216,7 +215,7 @@ func TestRebootDropsUncleanCacheKeepsCleanOne(t *testing.T) {
 	if used, dirty := d.stats(); used != 0 || dirty != 0 {
 		t.Fatalf("after a reboot without a clean close: %d blocks kept, %d dirty", used, dirty)
 	}
-	mustEq(t, "backend data", readAll(t, d, 100*bs, bs), pattern(1<<20, 1)[100*bs:101*bs])
+	devtest.CheckRead(t, "backend data", d, 100*bs, pattern(1<<20, 1)[100*bs:101*bs])
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -229,7 +228,7 @@ func TestRebootDropsUncleanCacheKeepsCleanOne(t *testing.T) {
 	if used, _ := d.stats(); used == 0 {
 		t.Fatal("a cleanly closed cache was dropped after a reboot")
 	}
-	readAll(t, d, 100*bs, bs)
+	devtest.ReadAll(t, d, 100*bs, bs)
 	if org2.reads.Load() != 0 {
 		t.Fatal("a cleanly closed cache was not served after a reboot")
 	}

@@ -160,27 +160,6 @@ func pattern(n int, seed byte) []byte {
 	return b
 }
 
-func readAll(t testing.TB, d backends.Device, off, n uint64) []byte {
-	t.Helper()
-	b := make([]byte, n)
-	if err := d.ReadAt(ctx, b, off); err != nil {
-		t.Fatalf("read %d+%d: %v", off, n, err)
-	}
-	return b
-}
-
-func mustEq(t testing.TB, what string, got, want []byte) {
-	t.Helper()
-	if len(got) != len(want) {
-		t.Fatalf("%s: length %d, want %d", what, len(got), len(want))
-	}
-	for i := range got {
-		if got[i] != want[i] {
-			t.Fatalf("%s: first difference at byte %d: %#x, want %#x", what, i, got[i], want[i])
-		}
-	}
-}
-
 func (d *Device) stats() (used, dirty int) {
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/cow"
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/http"
@@ -32,39 +33,25 @@ func slowOrigin(t *testing.T, img []byte, delay time.Duration) (url string, requ
 	return s.URL + "/disk.img", &n
 }
 
-func openSpec(t *testing.T, spec string, env backends.Env) backends.Device {
-	t.Helper()
-	s, err := backends.Parse(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dev, err := backends.Open(ctx, s, env)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return dev
-}
-
 // Through the http backend: the second pass over the volume makes no
 // request to the 5 ms origin, and the stack stays read-only.
 func TestSlowHTTPOriginCacheHits(t *testing.T) {
 	img := pattern(4<<20, 5)
 	url, requests := slowOrigin(t, img, 5*time.Millisecond)
-	dev := openSpec(t, "cache=writeback;"+url, backends.Env{StateDir: t.TempDir()})
-	defer dev.Close()
+	dev := devtest.Open(t, "cache=writeback;"+url, backends.Env{StateDir: t.TempDir()})
 	if !dev.Caps().ReadOnly {
 		t.Fatal("cache over a read-only http origin is writable")
 	}
 	opened := requests.Load()
 	for off := uint64(0); off < 4<<20; off += 16 << 10 {
-		mustEq(t, "first pass", readAll(t, dev, off, 16<<10), img[off:off+16<<10])
+		devtest.CheckRead(t, "first pass", dev, off, img[off:off+16<<10])
 	}
 	misses := requests.Load() - opened
 	if misses != (4<<20)/(64<<10) {
 		t.Fatalf("first pass: %d origin requests, want one per 64 KiB block (%d)", misses, (4<<20)/(64<<10))
 	}
 	for off := uint64(0); off < 4<<20; off += 16 << 10 {
-		mustEq(t, "second pass", readAll(t, dev, off, 16<<10), img[off:off+16<<10])
+		devtest.CheckRead(t, "second pass", dev, off, img[off:off+16<<10])
 	}
 	if n := requests.Load() - opened - misses; n != 0 {
 		t.Fatalf("second pass: %d origin requests, want 0", n)
@@ -76,8 +63,7 @@ func TestSlowHTTPOriginCacheHits(t *testing.T) {
 func TestCowOverCachedHTTPOrigin(t *testing.T) {
 	img := pattern(2<<20, 6)
 	url, requests := slowOrigin(t, img, time.Millisecond)
-	dev := openSpec(t, "cow=true,cow-block=4Ki,cache=writethrough;"+url, backends.Env{StateDir: t.TempDir()})
-	defer dev.Close()
+	dev := devtest.Open(t, "cow=true,cow-block=4Ki,cache=writethrough;"+url, backends.Env{StateDir: t.TempDir()})
 	if _, ok := dev.(*cow.Device); !ok || dev.Caps().ReadOnly {
 		t.Fatalf("stack %T (read-only %v), want a writable *cow.Device", dev, dev.Caps().ReadOnly)
 	}
@@ -94,12 +80,12 @@ func TestCowOverCachedHTTPOrigin(t *testing.T) {
 		t.Fatal(err)
 	}
 	clear(want[1<<20 : 1<<20+64<<10])
-	got := readAll(t, dev, 0, 2<<20)
+	got := devtest.ReadAll(t, dev, 0, 2<<20)
 	if sha256.Sum256(got) != sha256.Sum256(want) {
 		t.Fatal("checksum of the volume differs from the model")
 	}
 	before := requests.Load()
-	readAll(t, dev, 0, 2<<20)
+	devtest.ReadAll(t, dev, 0, 2<<20)
 	if n := requests.Load() - before; n != 0 {
 		t.Fatalf("re-reading made %d origin requests", n)
 	}
@@ -112,13 +98,12 @@ func TestCowOverCachedHTTPOrigin(t *testing.T) {
 func TestReadaheadOverCacheStack(t *testing.T) {
 	img := pattern(8<<20, 7)
 	url, requests := slowOrigin(t, img, time.Millisecond)
-	dev := openSpec(t, "cache=writeback,readahead=true;"+url, backends.Env{StateDir: t.TempDir()})
-	defer dev.Close()
+	dev := devtest.Open(t, "cache=writeback,readahead=true;"+url, backends.Env{StateDir: t.TempDir()})
 	for off := uint64(0); off < 8<<20; off += 128 << 10 {
-		mustEq(t, "sequential", readAll(t, dev, off, 128<<10), img[off:off+128<<10])
+		devtest.CheckRead(t, "sequential", dev, off, img[off:off+128<<10])
 	}
 	before := requests.Load()
-	mustEq(t, "again", readAll(t, dev, 0, 8<<20), img)
+	devtest.CheckRead(t, "again", dev, 0, img)
 	if n := requests.Load() - before; n != 0 {
 		t.Fatalf("second pass made %d origin requests", n)
 	}

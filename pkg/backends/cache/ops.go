@@ -587,7 +587,7 @@ func (d *Device) Extents(ctx context.Context, off, length uint64, add func(backe
 	if err != nil {
 		return err
 	}
-	m := merger{add: add}
+	m := backends.ExtentMerger{Add: add}
 	p, di := off, 0
 	for _, e := range exts {
 		eEnd := p + e.Length
@@ -597,7 +597,7 @@ func (d *Device) Extents(ctx context.Context, off, length uint64, add func(backe
 			}
 			if di < len(dirty) && dirty[di]<<d.shift <= p {
 				q := min(eEnd, (dirty[di]+1)<<d.shift)
-				m.emit(q-p, 0)
+				m.Emit(q-p, 0)
 				p = q
 				continue
 			}
@@ -605,36 +605,10 @@ func (d *Device) Extents(ctx context.Context, off, length uint64, add func(backe
 			if di < len(dirty) {
 				q = min(q, dirty[di]<<d.shift)
 			}
-			m.emit(q-p, e.Flags)
+			m.Emit(q-p, e.Flags)
 			p = q
 		}
 	}
-	m.flush()
+	m.Flush()
 	return nil
-}
-
-// merger joins adjacent extents with equal flags.
-type merger struct {
-	add   func(backends.Extent)
-	cur   backends.Extent
-	valid bool
-}
-
-func (m *merger) emit(n uint64, f backends.ExtentFlags) {
-	if n == 0 {
-		return
-	}
-	if m.valid && m.cur.Flags == f {
-		m.cur.Length += n
-		return
-	}
-	m.flush()
-	m.cur, m.valid = backends.Extent{Length: n, Flags: f}, true
-}
-
-func (m *merger) flush() {
-	if m.valid {
-		m.add(m.cur)
-		m.valid = false
-	}
 }

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/file"
 	"github.com/csi-nbd/csi-nbd/pkg/nbd"
@@ -109,15 +110,11 @@ func TestServeKill9LosesNoAcknowledgedWrite(t *testing.T) {
 	}
 	t.Logf("killed after %d acknowledged writes, %d in flight", len(acked), len(begun)-len(acked))
 
-	s, err := backends.Parse(spec)
+	dev, err := devtest.TryOpen(spec, backends.Env{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	dev, err := backends.Open(ctx, s, backends.Env{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	checkCrashImage(t, "reopened volume", readAll(t, dev, 0, crashSize), begun, acked)
+	checkCrashImage(t, "reopened volume", devtest.ReadAll(t, dev, 0, crashSize), begun, acked)
 	if err := dev.Close(); err != nil {
 		t.Fatal(err)
 	}

@@ -24,7 +24,6 @@ import (
 	"fmt"
 	"math/bits"
 	"path/filepath"
-	"slices"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
@@ -124,24 +123,9 @@ func wrap(ctx context.Context, s backends.Spec, env backends.Env, inner backends
 		return inner, nil
 	}
 	if c.Dir == "" {
-		if c.Dir, err = env.Dir("cow", originSpec(s)); err != nil {
+		if c.Dir, err = env.Dir("cow", backends.BackendSpec(s)); err != nil {
 			return nil, fmt.Errorf("option %q: %w", keyDir, err)
 		}
 	}
 	return Open(ctx, inner, c)
-}
-
-// originSpec is s without any filter's options: the origin's identity,
-// which keys the default overlay directory (so a persistent overlay is
-// found again whatever other filters are retuned).
-func originSpec(s backends.Spec) backends.Spec {
-	out := backends.Spec{Options: map[string]string{}, URL: s.URL}
-	b, _ := backends.LookupBackend(s.Scheme())
-	// The common options (volume=) name the volume, so they stay.
-	for _, o := range slices.Concat(backends.CommonOptions, b.Options) {
-		if v, ok := s.Options[o.Key]; ok {
-			out.Options[o.Key] = v
-		}
-	}
-	return out
 }

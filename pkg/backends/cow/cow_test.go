@@ -9,11 +9,13 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/data"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/memory"
@@ -70,15 +72,6 @@ func mustOpen(t testing.TB, origin backends.Device, c Config) *Device {
 	return d
 }
 
-func readAll(t testing.TB, d backends.Device, off, n uint64) []byte {
-	t.Helper()
-	b := make([]byte, n)
-	if err := d.ReadAt(ctx, b, off); err != nil {
-		t.Fatalf("read %d+%d: %v", off, n, err)
-	}
-	return b
-}
-
 func sum(b []byte) [32]byte { return sha256.Sum256(b) }
 
 // Writes over a data: origin opened from a spec: the stack is writable,
@@ -86,15 +79,7 @@ func sum(b []byte) [32]byte { return sha256.Sum256(b) }
 func TestCowOverDataURIWithChecksums(t *testing.T) {
 	img := pattern(200000, 1)
 	spec := "cow=true,cow-block=4Ki,size=1Mi;data:;base64," + base64.StdEncoding.EncodeToString(img)
-	s, err := backends.Parse(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dev, err := backends.Open(ctx, s, backends.Env{StateDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dev.Close()
+	dev := devtest.Open(t, spec, backends.Env{StateDir: t.TempDir()})
 	if dev.Caps().ReadOnly {
 		t.Fatal("cow over a read-only origin is read-only")
 	}
@@ -117,17 +102,17 @@ func TestCowOverDataURIWithChecksums(t *testing.T) {
 			}
 			clear(model[off : off+n])
 		default:
-			if got := readAll(t, dev, off, n); !bytes.Equal(got, model[off:off+n]) {
+			if got := devtest.ReadAll(t, dev, off, n); !bytes.Equal(got, model[off:off+n]) {
 				t.Fatalf("op %d: read %d+%d differs from the model", i, off, n)
 			}
 		}
 	}
-	if sum(readAll(t, dev, 0, 1<<20)) != sum(model) {
+	if sum(devtest.ReadAll(t, dev, 0, 1<<20)) != sum(model) {
 		t.Fatal("volume checksum differs from the model")
 	}
 	// The origin is untouched.
 	orig := data.New(img, 1<<20)
-	if sum(readAll(t, orig, 0, 1<<20)) != sum(append(img, make([]byte, 1<<20-len(img))...)) {
+	if sum(devtest.ReadAll(t, orig, 0, 1<<20)) != sum(append(img, make([]byte, 1<<20-len(img))...)) {
 		t.Fatal("origin changed")
 	}
 }
@@ -153,7 +138,7 @@ func TestCopyUpReadsOriginOncePerBlock(t *testing.T) {
 	copy(want[bs+10:], "hello")
 	copy(want[bs+100:], "world")
 	clear(want[2*bs : 3*bs])
-	if !bytes.Equal(readAll(t, d, 0, 4*bs), want) {
+	if !bytes.Equal(devtest.ReadAll(t, d, 0, 4*bs), want) {
 		t.Fatal("merged read wrong")
 	}
 }
@@ -176,7 +161,7 @@ func TestZeroWithoutOriginAndExtents(t *testing.T) {
 	if err := d.WriteAt(ctx, []byte{9}, 20*bs, false); err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(readAll(t, d, 2*bs, 2*bs), make([]byte, 2*bs)) {
+	if !bytes.Equal(devtest.ReadAll(t, d, 2*bs, 2*bs), make([]byte, 2*bs)) {
 		t.Fatal("zeroed blocks do not read zeros")
 	}
 	var got []backends.Extent
@@ -188,13 +173,8 @@ func TestZeroWithoutOriginAndExtents(t *testing.T) {
 	// the written block, the origin's hole.
 	want := []backends.Extent{{Length: 2 * bs}, {Length: 2 * bs, Flags: hole}, {Length: 12 * bs},
 		{Length: 4 * bs, Flags: hole}, {Length: bs}, {Length: 43 * bs, Flags: hole}}
-	if len(got) != len(want) {
+	if !slices.Equal(got, want) {
 		t.Fatalf("extents %v, want %v", got, want)
-	}
-	for i := range want {
-		if got[i] != want[i] {
-			t.Fatalf("extents %v, want %v", got, want)
-		}
 	}
 }
 
@@ -211,7 +191,7 @@ func TestVolatileOverlayDiscardedOnClose(t *testing.T) {
 	}
 	d = mustOpen(t, &readOnly{Device: org.Device}, Config{Block: 4096, Dir: dir})
 	defer d.Close()
-	if !bytes.Equal(readAll(t, d, 0, 8192), pattern(8192, 4)) {
+	if !bytes.Equal(devtest.ReadAll(t, d, 0, 8192), pattern(8192, 4)) {
 		t.Fatal("a volatile overlay outlived its close")
 	}
 }
@@ -235,7 +215,7 @@ func TestPersistentOverlay(t *testing.T) {
 		t.Fatal(err)
 	}
 	d = mustOpen(t, &readOnly{Device: mem}, c)
-	if sum(readAll(t, d, 0, 1<<20)) != sum(model) {
+	if sum(devtest.ReadAll(t, d, 0, 1<<20)) != sum(model) {
 		t.Fatal("persistent overlay lost data across close and open")
 	}
 	// A crash after a flush keeps the flushed writes: save the files as
@@ -258,7 +238,7 @@ func TestPersistentOverlay(t *testing.T) {
 	d.Close()
 	d = mustOpen(t, &readOnly{Device: mem}, Config{Block: 16 << 10, Persist: true, Dir: crash})
 	defer d.Close()
-	got := readAll(t, d, 0, 1<<20)
+	got := devtest.ReadAll(t, d, 0, 1<<20)
 	if !bytes.Equal(got[:900000], model[:900000]) || !bytes.Equal(got[900005:], model[900005:]) {
 		t.Fatal("flushed overlay data lost after a crash")
 	}
@@ -304,7 +284,7 @@ func TestConcurrentCopyUp(t *testing.T) {
 		copy(model[s*1000:], pattern(n, uint64(s)))
 	}
 	wg.Wait()
-	if sum(readAll(t, d, 0, 64*bs)) != sum(model) {
+	if sum(devtest.ReadAll(t, d, 0, 64*bs)) != sum(model) {
 		t.Fatal("concurrent partial writes lost data in copy-up")
 	}
 }
@@ -338,11 +318,7 @@ func TestBadOptionsNamed(t *testing.T) {
 		}
 	}
 	for _, spec := range []string{"cow=true;memory:", "cow=true,cow-persist=true,cow-block=1Mi;data:,hi"} {
-		s, err := backends.Parse(spec)
-		if err != nil {
-			t.Fatal(err)
-		}
-		dev, err := backends.Open(ctx, s, backends.Env{StateDir: t.TempDir()})
+		dev, err := devtest.TryOpen(spec, backends.Env{StateDir: t.TempDir()})
 		if err != nil {
 			t.Fatalf("%q: %v", spec, err)
 		}
@@ -421,7 +397,7 @@ func TestResizeGrowsOverlay(t *testing.T) {
 	if err := d.WriteAt(ctx, []byte("grown"), 3*size, false); err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(readAll(t, d, 0, 5*size), want) {
+	if !bytes.Equal(devtest.ReadAll(t, d, 0, 5*size), want) {
 		t.Fatal("grown overlay reads wrong")
 	}
 	if err := backends.Resize(ctx, d, size); !errors.Is(err, backends.ErrInvalid) {

@@ -425,22 +425,22 @@ func (d *Device) Extents(ctx context.Context, off, length uint64, add func(backe
 	if length == 0 {
 		return d.origin.Extents(ctx, off, 0, add)
 	}
-	m := merger{add: add}
+	m := backends.ExtentMerger{Add: add}
 	errStop := errors.New("stop")
 	err := d.runs(off, off+length, func(st int, lo, hi uint64) error {
 		switch st {
 		case inOverlay:
-			m.emit(hi-lo, 0)
+			m.Emit(hi-lo, 0)
 			return nil
 		case isZero:
-			m.emit(hi-lo, backends.ExtentHole|backends.ExtentZero)
+			m.Emit(hi-lo, backends.ExtentHole|backends.ExtentZero)
 			return nil
 		}
 		pos := lo
 		err := d.origin.Extents(ctx, lo, hi-lo, func(e backends.Extent) {
 			if pos < hi && e.Length > 0 {
 				n := min(e.Length, hi-pos)
-				m.emit(n, e.Flags)
+				m.Emit(n, e.Flags)
 				pos += n
 			}
 		})
@@ -455,7 +455,7 @@ func (d *Device) Extents(ctx context.Context, off, length uint64, add func(backe
 	if err != nil && err != errStop {
 		return err
 	}
-	m.flush()
+	m.Flush()
 	return nil
 }
 
@@ -517,32 +517,6 @@ func (d *Device) Close() error {
 	d.closeFiles()
 	errs = append(errs, d.origin.Close())
 	return errors.Join(errs...)
-}
-
-// merger joins adjacent extents with equal flags.
-type merger struct {
-	add   func(backends.Extent)
-	cur   backends.Extent
-	valid bool
-}
-
-func (m *merger) emit(n uint64, f backends.ExtentFlags) {
-	if n == 0 {
-		return
-	}
-	if m.valid && m.cur.Flags == f {
-		m.cur.Length += n
-		return
-	}
-	m.flush()
-	m.cur, m.valid = backends.Extent{Length: n, Flags: f}, true
-}
-
-func (m *merger) flush() {
-	if m.valid {
-		m.add(m.cur)
-		m.valid = false
-	}
 }
 
 // Unwrap returns the origin under the overlay.

@@ -2,62 +2,16 @@ package cow
 
 import (
 	"bytes"
-	"context"
 	"encoding/base64"
-	"errors"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
-	"github.com/csi-nbd/csi-nbd/pkg/nbd"
 )
-
-type oneExport struct{ dev backends.Device }
-
-func (o oneExport) Open(context.Context, string) (*nbd.Export, func(), error) {
-	return &nbd.Export{Device: o.dev}, func() {}, nil
-}
-func (o oneExport) List(context.Context) []nbd.ExportInfo { return nil }
-
-func serve(t *testing.T, dev backends.Device) string {
-	t.Helper()
-	srv, err := nbd.NewServer(nbd.ServerConfig{Exports: oneExport{dev}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(context.Background(), ln) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-		if err := <-done; err != nil && !errors.Is(err, nbd.ErrServerClosed) {
-			t.Error(err)
-		}
-	})
-	return sock
-}
-
-func run(t *testing.T, name string, args ...string) string {
-	t.Helper()
-	testserver.RequireTool(t, name)
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %q: %v\n%s", name, args, err, out)
-	}
-	return string(out)
-}
 
 // A data: image (read-only) made writable by the overlay, driven by real
 // clients: qemu-io writes and zeroes, qemu-img compares with the expected
@@ -65,18 +19,10 @@ func run(t *testing.T, name string, args ...string) string {
 func TestRealClientsOverDataOrigin(t *testing.T) {
 	img := pattern(100000, 9)
 	spec := "cow=true,cow-block=4Ki,size=4Mi;data:;base64," + base64.StdEncoding.EncodeToString(img)
-	s, err := backends.Parse(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dev, err := backends.Open(ctx, s, backends.Env{StateDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dev.Close()
-	sock := serve(t, dev)
+	dev := devtest.Open(t, spec, backends.Env{StateDir: t.TempDir()})
+	sock := testserver.ServeNBD(t, dev)
 	q := "nbd:unix:" + sock
-	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x61 50000 10000", "-c", "write -z 1048576 1048576",
+	testserver.Run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x61 50000 10000", "-c", "write -z 1048576 1048576",
 		"-c", "write -P 0x62 3000000 5", q)
 	want := make([]byte, 4<<20)
 	copy(want, img)
@@ -86,10 +32,10 @@ func TestRealClientsOverDataOrigin(t *testing.T) {
 	if err := os.WriteFile(exp, want, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", exp, q)
+	testserver.Run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", exp, q)
 	// Origin data (with overlay data inside) to 100000, the zeroed MiB
 	// merged with the data: padding's hole, the one written block, hole.
-	out := run(t, "nbdinfo", "--map", "nbd+unix:///?socket="+sock)
+	out := testserver.Run(t, "nbdinfo", "--map", "nbd+unix:///?socket="+sock)
 	var got []string
 	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
 		got = append(got, strings.Join(strings.Fields(l), " "))

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -14,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
 
@@ -23,30 +25,7 @@ var ctx = context.Background()
 // the device when the test ends.
 func open(t *testing.T, spec string) *Device {
 	t.Helper()
-	s, err := backends.Parse(spec)
-	if err != nil {
-		t.Fatalf("parse %q: %v", spec, err)
-	}
-	dev, err := backends.Open(ctx, s, backends.Env{})
-	if err != nil {
-		t.Fatalf("open %q: %v", spec, err)
-	}
-	t.Cleanup(func() { dev.Close() })
-	return dev.(*Device)
-}
-
-func openErr(t *testing.T, spec string) error {
-	t.Helper()
-	s, err := backends.Parse(spec)
-	if err != nil {
-		return err
-	}
-	dev, err := backends.Open(ctx, s, backends.Env{})
-	if err == nil {
-		dev.Close()
-		t.Fatalf("open %q succeeded", spec)
-	}
-	return err
+	return devtest.Open(t, spec, backends.Env{}).(*Device)
 }
 
 func blocks(t *testing.T, path string) int64 {
@@ -56,14 +35,6 @@ func blocks(t *testing.T, path string) int64 {
 		t.Fatal(err)
 	}
 	return st.Blocks
-}
-
-func randBytes(n int) []byte {
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = byte(rand.Uint32() | 1) // never zero: holes are unmistakable
-	}
-	return b
 }
 
 func TestParsePath(t *testing.T) {
@@ -119,19 +90,19 @@ func TestBadSpecs(t *testing.T) {
 		{"readonly=true,size=1Mi;file://" + dir + "/missing", "no such file"},
 		{"size=1Mi;file://" + dir + "/nodir/x", "no such file"},
 	} {
-		err := openErr(t, tc.spec)
+		err := devtest.OpenErr(t, tc.spec, backends.Env{})
 		if !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v; want it to mention %s", tc.spec, err, tc.want)
 		}
 	}
 	empty := filepath.Join(dir, "empty")
 	os.WriteFile(empty, nil, 0o600)
-	if err := openErr(t, "file://"+empty); !strings.Contains(err.Error(), "empty") {
+	if err := devtest.OpenErr(t, "file://"+empty, backends.Env{}); !strings.Contains(err.Error(), "empty") {
 		t.Errorf("empty file: %v", err)
 	}
 	odd := filepath.Join(dir, "odd")
 	os.WriteFile(odd, make([]byte, 1000), 0o600)
-	if err := openErr(t, "direct=true;file://"+odd); !strings.Contains(err.Error(), "multiple of 4096") {
+	if err := devtest.OpenErr(t, "direct=true;file://"+odd, backends.Env{}); !strings.Contains(err.Error(), "multiple of 4096") {
 		t.Errorf("direct on an odd size: %v", err)
 	}
 }
@@ -186,7 +157,7 @@ func TestRoundTrip(t *testing.T) {
 				}
 				switch r.IntN(4) {
 				case 0, 1:
-					b := randBytes(n)
+					b := devtest.RandBytes(n)
 					if err := d.WriteAt(ctx, b, uint64(off), i%5 == 0); err != nil {
 						t.Fatal(err)
 					}
@@ -253,8 +224,8 @@ func TestExtentsAndHoles(t *testing.T) {
 	if !d.Caps().Extents || !d.Caps().Trim || !d.Caps().FastZero {
 		t.Skipf("filesystem without hole punching: %+v", d.Caps())
 	}
-	d.WriteAt(ctx, randBytes(64<<10), 1<<20, false)
-	d.WriteAt(ctx, randBytes(4096), 3<<20, false)
+	d.WriteAt(ctx, devtest.RandBytes(64<<10), 1<<20, false)
+	d.WriteAt(ctx, devtest.RandBytes(4096), 3<<20, false)
 	type ext struct {
 		off, n uint64
 		hole   bool
@@ -275,13 +246,8 @@ func TestExtentsAndHoles(t *testing.T) {
 	}
 	want := []ext{{0, 1 << 20, true}, {1 << 20, 64 << 10, false}, {1<<20 + 64<<10, 2<<20 - 64<<10, true},
 		{3 << 20, 4096, false}, {3<<20 + 4096, 1<<20 - 4096, true}}
-	if len(got) != len(want) {
+	if !slices.Equal(got, want) {
 		t.Fatalf("extents %v, want %v", got, want)
-	}
-	for i := range want {
-		if got[i] != want[i] {
-			t.Fatalf("extents %v, want %v", got, want)
-		}
 	}
 }
 
@@ -291,7 +257,7 @@ func TestTrimAndZeroSpace(t *testing.T) {
 	if !d.Caps().Trim {
 		t.Skip("filesystem cannot punch holes")
 	}
-	d.WriteAt(ctx, randBytes(4<<20), 0, false)
+	d.WriteAt(ctx, devtest.RandBytes(4<<20), 0, false)
 	d.Flush(ctx)
 	full := blocks(t, p)
 	if full < 4<<20/512 {
@@ -336,26 +302,12 @@ func TestReadOnly(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "disk.img")
 	os.WriteFile(p, bytes.Repeat([]byte{1}, 8192), 0o400)
 	d := open(t, "readonly=true;file://"+p)
-	if !d.Caps().ReadOnly {
-		t.Fatal("caps not read-only")
-	}
-	for name, err := range map[string]error{
-		"write": d.WriteAt(ctx, []byte{2}, 0, false),
-		"trim":  d.Trim(ctx, 0, 4096, false),
-		"zero":  d.Zero(ctx, 0, 4096, 0),
-	} {
-		if !errors.Is(err, syscall.EPERM) {
-			t.Errorf("%s on a read-only file: %v, want EPERM", name, err)
-		}
-	}
+	devtest.CheckReadOnly(t, d)
 	if err := d.Flush(ctx); err != nil {
 		t.Errorf("flush: %v", err)
 	}
-	got := make([]byte, 8192)
-	if err := d.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{1}, 8192)) {
-		t.Fatalf("read: %v", err)
-	}
-	if err := openErr(t, "readonly=true,size=1Mi;file://"+p); !strings.Contains(err.Error(), "forbids growing") {
+	devtest.CheckRead(t, "read", d, 0, bytes.Repeat([]byte{1}, 8192))
+	if err := devtest.OpenErr(t, "readonly=true,size=1Mi;file://"+p, backends.Env{}); !strings.Contains(err.Error(), "forbids growing") {
 		t.Fatalf("growing a read-only file: %v", err)
 	}
 }
@@ -429,7 +381,7 @@ func TestBlockDevice(t *testing.T) {
 		if d.Size() != 8<<20 || !d.blk || d.Caps().Extents || d.Caps().FastZero {
 			t.Fatalf("size %d blk %v caps %+v", d.Size(), d.blk, d.Caps())
 		}
-		data := randBytes(3 << 20)
+		data := devtest.RandBytes(3 << 20)
 		if err := d.WriteAt(ctx, data, 1000, true); err != nil {
 			t.Fatal(err)
 		}
@@ -444,13 +396,7 @@ func TestBlockDevice(t *testing.T) {
 		if err := d.Zero(ctx, 0, 4096, backends.ZeroFast); !errors.Is(err, syscall.ENOTSUP) {
 			t.Fatalf("fast zero on a block device: %v", err)
 		}
-		got := make([]byte, len(data))
-		if err := d.ReadAt(ctx, got, 1000); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, data) {
-			t.Fatalf("direct=%s: block device data differs", direct)
-		}
+		devtest.CheckRead(t, "direct="+direct+": block device data", d, 1000, data)
 		if err := d.Flush(ctx); err != nil {
 			t.Fatal(err)
 		}

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testpki"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
@@ -21,7 +22,7 @@ func BenchmarkReadAt(b *testing.B) {
 	caFile := filepath.Join(b.TempDir(), "ca.pem")
 	os.WriteFile(caFile, ca.PEM, 0o600)
 	const size = 64 << 20
-	data := randBytes(size)
+	data := devtest.RandBytes(size)
 	for _, tls := range []bool{false, true} {
 		var o testserver.NginxOptions
 		spec := ""
@@ -31,11 +32,7 @@ func BenchmarkReadAt(b *testing.B) {
 		}
 		n := testserver.StartNginx(b, o)
 		n.WriteFile(b, "disk.img", data, mtime)
-		s, err := backends.Parse(spec + n.URL + "/disk.img")
-		if err != nil {
-			b.Fatal(err)
-		}
-		dev, err := backends.Open(context.Background(), s, backends.Env{})
+		dev, err := devtest.TryOpen(spec+n.URL+"/disk.img", backends.Env{})
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -3,12 +3,10 @@ package httpdev_test
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testpki"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
@@ -24,41 +23,16 @@ import (
 	"github.com/csi-nbd/csi-nbd/pkg/nbd"
 )
 
-func randBytes(n int) []byte {
-	b := make([]byte, n)
-	rand.Read(b)
-	return b
-}
-
-// openSpec parses and opens spec with env, failing the test on error.
-func openSpec(t *testing.T, spec string, env backends.Env) backends.Device {
-	t.Helper()
-	dev, err := tryOpen(spec, env)
-	if err != nil {
-		t.Fatalf("open %s: %v", spec, err)
-	}
-	t.Cleanup(func() { dev.Close() })
-	return dev
-}
-
-func tryOpen(spec string, env backends.Env) (backends.Device, error) {
-	s, err := backends.Parse(spec)
-	if err != nil {
-		return nil, err
-	}
-	return backends.Open(context.Background(), s, env)
-}
-
 var mtime = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 
 func TestNginxRoundTrip(t *testing.T) {
 	n := testserver.StartNginx(t, testserver.NginxOptions{})
-	data := randBytes(9<<20 + 12345) // not a multiple of anything
+	data := devtest.RandBytes(9<<20 + 12345) // not a multiple of anything
 	n.WriteFile(t, "disk.img", data, mtime)
 
 	for _, loc := range []string{"/", "/noetag/"} {
 		t.Run("location"+loc, func(t *testing.T) {
-			dev := openSpec(t, n.URL+loc+"disk.img", backends.Env{})
+			dev := devtest.Open(t, n.URL+loc+"disk.img", backends.Env{})
 			if dev.Size() != uint64(len(data)) {
 				t.Fatalf("size %d, want %d", dev.Size(), len(data))
 			}
@@ -67,13 +41,7 @@ func TestNginxRoundTrip(t *testing.T) {
 			}
 			ctx := context.Background()
 			// One read of everything: split into parallel range GETs.
-			got := make([]byte, len(data))
-			if err := dev.ReadAt(ctx, got, 0); err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(got, data) {
-				t.Fatal("whole read differs")
-			}
+			devtest.CheckRead(t, "whole read", dev, 0, data)
 			for _, r := range [][2]int{{0, 1}, {1, 4095}, {4096, 4096}, {len(data) - 1, 1}, {len(data) - 70000, 70000}, {3<<20 - 7, 5 << 20}} {
 				p := make([]byte, r[1])
 				if err := dev.ReadAt(ctx, p, uint64(r[0])); err != nil {
@@ -83,12 +51,7 @@ func TestNginxRoundTrip(t *testing.T) {
 					t.Fatalf("read %v differs", r)
 				}
 			}
-			if err := dev.WriteAt(ctx, []byte{1}, 0, false); !errors.Is(err, syscall.EPERM) {
-				t.Fatalf("write: %v, want EPERM", err)
-			}
-			if err := dev.Zero(ctx, 0, 512, 0); !errors.Is(err, syscall.EPERM) {
-				t.Fatalf("zero: %v, want EPERM", err)
-			}
+			devtest.CheckReadOnly(t, dev)
 		})
 	}
 }
@@ -110,53 +73,23 @@ func (e exports) Open(ctx context.Context, name string) (*nbd.Export, func(), er
 
 func (exports) List(context.Context) []nbd.ExportInfo { return nil }
 
-// serveNBD serves specs over NBD on a unix socket and returns the socket.
-func serveNBD(t *testing.T, env backends.Env) string {
+// serveNBD serves specs over NBD (pkg/nbd's server in this process) until
+// the test ends.
+func serveNBD(t *testing.T, env backends.Env) *testserver.NBDServer {
 	t.Helper()
 	pool := backends.NewPool(env)
-	srv, err := nbd.NewServer(nbd.ServerConfig{Exports: exports{pool}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { defer close(done); srv.Serve(context.Background(), ln) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-		<-done
-		pool.Close()
-	})
-	return sock
-}
-
-func nbdURI(sock, export string) string {
-	return "nbd+unix:///" + strings.ReplaceAll(export, "?", "%3F") + "?socket=" + sock
-}
-
-func run(t *testing.T, name string, args ...string) (string, error) {
-	t.Helper()
-	testserver.RequireTool(t, name)
-	out, err := exec.Command(name, args...).CombinedOutput()
-	return string(out), err
+	t.Cleanup(func() { pool.Close() }) // after the server's shutdown
+	return testserver.StartNBD(t, exports{pool})
 }
 
 func TestNginxThroughNBD(t *testing.T) {
 	n := testserver.StartNginx(t, testserver.NginxOptions{})
-	data := randBytes(16<<20 + 512)
+	data := devtest.RandBytes(16<<20 + 512)
 	n.WriteFile(t, "disk.img", data, mtime)
-	sock := serveNBD(t, backends.Env{})
+	srv := serveNBD(t, backends.Env{})
 	spec := n.URL + "/disk.img"
 
-	out, err := run(t, "nbdinfo", "--json", nbdURI(sock, spec))
-	if err != nil {
-		t.Fatalf("nbdinfo: %v\n%s", err, out)
-	}
+	out := testserver.Run(t, "nbdinfo", "--json", srv.UnixURI(spec))
 	var info struct {
 		Exports []struct {
 			Size     uint64 `json:"export-size"`
@@ -170,9 +103,7 @@ func TestNginxThroughNBD(t *testing.T) {
 		t.Fatalf("export %+v, want size %d read-only", e, len(data))
 	}
 	dst := filepath.Join(t.TempDir(), "copy")
-	if out, err := run(t, "nbdcopy", "--connections=4", "--threads=4", "--requests=16", nbdURI(sock, spec), dst); err != nil {
-		t.Fatalf("nbdcopy: %v\n%s", err, out)
-	}
+	testserver.Run(t, "nbdcopy", "--connections=4", "--threads=4", "--requests=16", srv.UnixURI(spec), dst)
 	got, err := os.ReadFile(dst)
 	if err != nil {
 		t.Fatal(err)
@@ -180,31 +111,32 @@ func TestNginxThroughNBD(t *testing.T) {
 	if !bytes.Equal(got, data) {
 		t.Fatal("copy through NBD differs from the origin's file")
 	}
-	if out, err := run(t, "qemu-io", "-f", "raw", "-c", "write 0 512", "nbd:unix:"+sock+":exportname="+spec); err == nil {
+	qemuIO := testserver.RequireTool(t, "qemu-io")
+	if out, err := exec.Command(qemuIO, "-f", "raw", "-c", "write 0 512", "nbd:unix:"+srv.Sock+":exportname="+spec).CombinedOutput(); err == nil {
 		t.Fatalf("write through NBD succeeded:\n%s", out)
 	}
 	// The object changes under the open volume: the client gets EIO.
-	n.WriteFile(t, "disk.img", randBytes(len(data)), mtime.Add(time.Minute))
-	out, err = run(t, "nbdcopy", nbdURI(sock, spec), filepath.Join(t.TempDir(), "copy2"))
-	if err == nil || !strings.Contains(out, "Input/output error") {
+	n.WriteFile(t, "disk.img", devtest.RandBytes(len(data)), mtime.Add(time.Minute))
+	b, err := exec.Command(testserver.RequireTool(t, "nbdcopy"), srv.UnixURI(spec), filepath.Join(t.TempDir(), "copy2")).CombinedOutput()
+	if out := string(b); err == nil || !strings.Contains(out, "Input/output error") {
 		t.Fatalf("nbdcopy of a changed origin: %v\n%s", err, out)
 	}
 }
 
 func TestNginxMissingAndNoRanges(t *testing.T) {
 	n := testserver.StartNginx(t, testserver.NginxOptions{})
-	n.WriteFile(t, "disk.img", randBytes(64<<10), mtime)
+	n.WriteFile(t, "disk.img", devtest.RandBytes(64<<10), mtime)
 
-	_, err := tryOpen(n.URL+"/nothere.img?X-Sig=topsecret", backends.Env{})
+	_, err := devtest.TryOpen(n.URL+"/nothere.img?X-Sig=topsecret", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), "404") || !strings.Contains(err.Error(), n.URL+"/nothere.img") {
 		t.Fatalf("open of a missing object: %v; want 404 naming the URL", err)
 	}
 	// An empty object is an empty volume (nginx answers 416 "bytes */0").
 	n.WriteFile(t, "empty.img", nil, mtime)
-	if dev := openSpec(t, n.URL+"/empty.img", backends.Env{}); dev.Size() != 0 {
+	if dev := devtest.Open(t, n.URL+"/empty.img", backends.Env{}); dev.Size() != 0 {
 		t.Fatalf("empty object: size %d", dev.Size())
 	}
-	_, err = tryOpen(n.URL+"/noranges/disk.img", backends.Env{})
+	_, err = devtest.TryOpen(n.URL+"/noranges/disk.img", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), "range requests") {
 		t.Fatalf("open without ranges: %v; want a refusal naming range requests", err)
 	}
@@ -221,9 +153,9 @@ func TestNginxChangedUnderVolume(t *testing.T) {
 		for _, grow := range []bool{false, true} {
 			t.Run(fmt.Sprintf("location%sgrow=%v", loc, grow), func(t *testing.T) {
 				name := fmt.Sprintf("changed-%d-%v.img", len(loc), grow)
-				old := randBytes(8 << 20)
+				old := devtest.RandBytes(8 << 20)
 				n.WriteFile(t, name, old, mtime)
-				dev := openSpec(t, n.URL+loc+name, backends.Env{})
+				dev := devtest.Open(t, n.URL+loc+name, backends.Env{})
 				p := make([]byte, 4096)
 				if err := dev.ReadAt(ctx, p, 4096); err != nil || !bytes.Equal(p, old[4096:8192]) {
 					t.Fatalf("read before the change: %v", err)
@@ -231,7 +163,7 @@ func TestNginxChangedUnderVolume(t *testing.T) {
 				// Same size, same first MiB, a later mtime: only the
 				// validator tells the versions apart.
 				neu := append([]byte(nil), old...)
-				copy(neu[1<<20:], randBytes(7<<20))
+				copy(neu[1<<20:], devtest.RandBytes(7<<20))
 				if grow {
 					neu = append(neu, 1)
 				}
@@ -259,38 +191,30 @@ func TestNginxHTTPSWithCA(t *testing.T) {
 	ca := testpki.NewCA(t, "test origin CA")
 	cert, key := ca.Issue(t, "localhost", x509.ExtKeyUsageServerAuth)
 	n := testserver.StartNginx(t, testserver.NginxOptions{CertPEM: cert, KeyPEM: key})
-	data := randBytes(3<<20 + 1)
+	data := devtest.RandBytes(3<<20 + 1)
 	n.WriteFile(t, "disk.img", data, mtime)
 	caFile := filepath.Join(t.TempDir(), "ca.pem")
 	if err := os.WriteFile(caFile, ca.PEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
 
-	_, err := tryOpen(n.URL+"/disk.img", backends.Env{})
+	_, err := devtest.TryOpen(n.URL+"/disk.img", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Fatalf("open without the CA: %v; want a certificate error", err)
 	}
-	_, err = tryOpen("ca="+filepath.Join(t.TempDir(), "missing.pem")+";"+n.URL+"/disk.img", backends.Env{})
+	_, err = devtest.TryOpen("ca="+filepath.Join(t.TempDir(), "missing.pem")+";"+n.URL+"/disk.img", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), `"ca"`) {
 		t.Fatalf("open with a missing CA file: %v; want an error naming option ca", err)
 	}
-	dev := openSpec(t, "ca="+caFile+";"+n.URL+"/disk.img", backends.Env{})
-	got := make([]byte, len(data))
-	if err := dev.ReadAt(context.Background(), got, 0); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got, data) {
-		t.Fatal("https read differs")
-	}
+	dev := devtest.Open(t, "ca="+caFile+";"+n.URL+"/disk.img", backends.Env{})
+	devtest.CheckRead(t, "https read", dev, 0, data)
 	// nginx offers HTTP/2 through ALPN, and the backend takes it.
 	if log := n.AccessLog(); !strings.Contains(log, "HTTP/2.0\" 206") || strings.Contains(log, "HTTP/1.1\" 206") {
 		t.Fatalf("want only HTTP/2 range requests in nginx's access log:\n%s", log)
 	}
 	// http2=false keeps to HTTP/1.1.
-	dev = openSpec(t, "http2=false,ca="+caFile+";"+n.URL+"/disk.img", backends.Env{})
-	if err := dev.ReadAt(context.Background(), got[:4096], 0); err != nil {
-		t.Fatal(err)
-	}
+	dev = devtest.Open(t, "http2=false,ca="+caFile+";"+n.URL+"/disk.img", backends.Env{})
+	devtest.CheckRead(t, "http/1.1 read", dev, 0, data[:4096])
 	if log := n.AccessLog(); !strings.Contains(log, "HTTP/1.1\" 206") {
 		t.Fatalf("no HTTP/1.1 range request in nginx's access log with http2=false:\n%s", log)
 	}

@@ -20,6 +20,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
@@ -38,7 +39,7 @@ func startOrigin(t *testing.T, h http.HandlerFunc) *httptest.Server {
 }
 
 func TestHeaderSecret(t *testing.T) {
-	data := randBytes(1 << 20)
+	data := devtest.RandBytes(1 << 20)
 	var mu sync.Mutex
 	var seen []http.Header
 	s := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
@@ -54,12 +55,12 @@ func TestHeaderSecret(t *testing.T) {
 	spec := "header-secret=origin-token;" + s.URL + "/disk.img"
 
 	// No such secret: the error names the option and the secret.
-	_, err := tryOpen(spec, backends.Env{})
+	_, err := devtest.TryOpen(spec, backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), `"header-secret"`) || !strings.Contains(err.Error(), "origin-token") {
 		t.Fatalf("open without the secret: %v", err)
 	}
 	// A wrong one: 401, and the error does not show it.
-	_, err = tryOpen(spec, backends.Env{Secrets: map[string]string{"origin-token": "Bearer wrong-token"}})
+	_, err = devtest.TryOpen(spec, backends.Env{Secrets: map[string]string{"origin-token": "Bearer wrong-token"}})
 	if err == nil || !strings.Contains(err.Error(), "401") || strings.Contains(err.Error(), "wrong-token") {
 		t.Fatalf("open with a wrong secret: %v", err)
 	}
@@ -68,14 +69,8 @@ func TestHeaderSecret(t *testing.T) {
 		mu.Lock()
 		seen = nil
 		mu.Unlock()
-		dev := openSpec(t, spec, backends.Env{Secrets: map[string]string{"origin-token": secret}})
-		got := make([]byte, len(data))
-		if err := dev.ReadAt(context.Background(), got, 0); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, data) {
-			t.Fatal("read differs")
-		}
+		dev := devtest.Open(t, spec, backends.Env{Secrets: map[string]string{"origin-token": secret}})
+		devtest.CheckRead(t, "read", dev, 0, data)
 		mu.Lock()
 		if len(seen) < 2 {
 			t.Fatalf("%d requests, want the probe and a read", len(seen))
@@ -88,7 +83,7 @@ func TestHeaderSecret(t *testing.T) {
 		}
 		mu.Unlock()
 	}
-	_, err = tryOpen(spec, backends.Env{Secrets: map[string]string{"origin-token": "X-Api-Key: k3y-value\nnot a header line"}})
+	_, err = devtest.TryOpen(spec, backends.Env{Secrets: map[string]string{"origin-token": "X-Api-Key: k3y-value\nnot a header line"}})
 	if err == nil || !strings.Contains(err.Error(), "line 2") || strings.Contains(err.Error(), "k3y") {
 		t.Fatalf("open with a malformed secret: %v", err)
 	}
@@ -99,7 +94,7 @@ func TestQueryRedactedInErrors(t *testing.T) {
 	s := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "expired", http.StatusForbidden)
 	})
-	_, err := tryOpen(s.URL+"/obj?X-Amz-Signature=SIGSIGSIG", backends.Env{})
+	_, err := devtest.TryOpen(s.URL+"/obj?X-Amz-Signature=SIGSIGSIG", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), "403") || !strings.Contains(err.Error(), s.URL+"/obj?…") {
 		t.Fatalf("open of a forbidden object: %v", err)
 	}
@@ -109,14 +104,14 @@ func TestQueryRedactedInErrors(t *testing.T) {
 		t.Fatalf("query repeated by the backend: %v", err)
 	}
 	unreachable := fmt.Sprintf("http://127.0.0.1:%d/obj?X-Amz-Signature=SIGSIGSIG", testserver.FreePort(t))
-	_, err = tryOpen("timeout=5s;"+unreachable, backends.Env{})
+	_, err = devtest.TryOpen("timeout=5s;"+unreachable, backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), "refused") || strings.Count(err.Error(), "SIGSIGSIG") > 1 {
 		t.Fatalf("open of an unreachable origin: %v", err)
 	}
 }
 
 func TestRetriesOn5xx(t *testing.T) {
-	data := randBytes(256 << 10)
+	data := devtest.RandBytes(256 << 10)
 	var ranged, failFirst atomic.Int32
 	failFirst.Store(2)
 	s := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
@@ -130,7 +125,7 @@ func TestRetriesOn5xx(t *testing.T) {
 		}
 		serveObject(w, r, data, `"v1"`)
 	})
-	dev := openSpec(t, "retries=3;"+s.URL+"/disk.img", backends.Env{})
+	dev := devtest.Open(t, "retries=3;"+s.URL+"/disk.img", backends.Env{})
 
 	// Opening retries a busy origin too.
 	var probes atomic.Int32
@@ -141,20 +136,15 @@ func TestRetriesOn5xx(t *testing.T) {
 		}
 		serveObject(w, r, data, `"v1"`)
 	})
-	if d := openSpec(t, "retries=3;"+busy.URL+"/disk.img", backends.Env{}); d.Size() != uint64(len(data)) || probes.Load() != 3 {
+	if d := devtest.Open(t, "retries=3;"+busy.URL+"/disk.img", backends.Env{}); d.Size() != uint64(len(data)) || probes.Load() != 3 {
 		t.Fatalf("open through two 503s: size %d after %d requests", d.Size(), probes.Load())
 	}
-	got := make([]byte, 4096)
-	if err := dev.ReadAt(context.Background(), got, 8192); err != nil {
-		t.Fatalf("read through two 503s: %v", err)
-	}
-	if !bytes.Equal(got, data[8192:8192+4096]) {
-		t.Fatal("read differs")
-	}
+	devtest.CheckRead(t, "read through two 503s", dev, 8192, data[8192:8192+4096])
 	if n := ranged.Load(); n != 3 {
 		t.Fatalf("%d requests, want 3 (two 503s, one success)", n)
 	}
 	// A lasting failure gives up after the retries, with EIO.
+	got := make([]byte, 4096)
 	ranged.Store(0)
 	failFirst.Store(100)
 	if err := dev.ReadAt(context.Background(), got, 0); !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "503") {
@@ -181,7 +171,7 @@ func TestRetriesOn5xx(t *testing.T) {
 // A stalled origin: each attempt ends at the timeout, the read fails with
 // EIO after the retries, and a caller's cancellation ends it at once.
 func TestTimeouts(t *testing.T) {
-	data := randBytes(64 << 10)
+	data := devtest.RandBytes(64 << 10)
 	release := make(chan struct{})
 	t.Cleanup(func() { close(release) })
 	var stall atomic.Bool
@@ -197,7 +187,7 @@ func TestTimeouts(t *testing.T) {
 		}
 		serveObject(w, r, data, `"v1"`)
 	})
-	dev := openSpec(t, "timeout=100ms,retries=2;"+s.URL+"/disk.img", backends.Env{})
+	dev := devtest.Open(t, "timeout=100ms,retries=2;"+s.URL+"/disk.img", backends.Env{})
 	stall.Store(true)
 	p := make([]byte, 4096)
 	err := dev.ReadAt(context.Background(), p, 0)
@@ -213,7 +203,7 @@ func TestTimeouts(t *testing.T) {
 		t.Fatalf("cancelled read: %v", err)
 	}
 	// Opening a stalled origin fails too, naming it.
-	_, err = tryOpen("timeout=100ms;"+s.URL+"/other.img", backends.Env{})
+	_, err = devtest.TryOpen("timeout=100ms;"+s.URL+"/other.img", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), s.URL+"/other.img") {
 		t.Fatalf("open of a stalled origin: %v", err)
 	}
@@ -222,7 +212,7 @@ func TestTimeouts(t *testing.T) {
 // Redirects are followed once, at open; reads go to the final URL, and
 // credentials are not sent to another host.
 func TestRedirectFollowedOnceAndPinned(t *testing.T) {
-	data := randBytes(1 << 20)
+	data := devtest.RandBytes(1 << 20)
 	var finalAuth atomic.Value
 	final := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
 		finalAuth.Store(r.Header.Get("Authorization"))
@@ -251,7 +241,7 @@ func TestRedirectFollowedOnceAndPinned(t *testing.T) {
 	for _, path := range []string{"/latest.img", "/elsewhere.img"} {
 		redirects.Store(0)
 		finalAuth.Store("")
-		dev := openSpec(t, "header-secret=tok;"+front.URL+path, env)
+		dev := devtest.Open(t, "header-secret=tok;"+front.URL+path, env)
 		for off := 0; off < len(data); off += 128 << 10 {
 			p := make([]byte, 128<<10)
 			if err := dev.ReadAt(context.Background(), p, uint64(off)); err != nil {
@@ -268,7 +258,7 @@ func TestRedirectFollowedOnceAndPinned(t *testing.T) {
 			t.Fatalf("%s: credentials sent to another host: %q", path, a)
 		}
 	}
-	_, err := tryOpen(front.URL+"/loop.img", backends.Env{})
+	_, err := devtest.TryOpen(front.URL+"/loop.img", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), "redirects") {
 		t.Fatalf("open of a redirect loop: %v", err)
 	}
@@ -277,14 +267,14 @@ func TestRedirectFollowedOnceAndPinned(t *testing.T) {
 // An origin that ignores If-Match still cannot slip a new version in: the
 // ETag of its answer gives it away.
 func TestOriginIgnoringIfMatch(t *testing.T) {
-	data := randBytes(64 << 10)
+	data := devtest.RandBytes(64 << 10)
 	var etag atomic.Value
 	etag.Store(`"v1"`)
 	s := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
 		r.Header.Del("If-Match")
 		serveObject(w, r, data, etag.Load().(string))
 	})
-	dev := openSpec(t, s.URL+"/disk.img", backends.Env{})
+	dev := devtest.Open(t, s.URL+"/disk.img", backends.Env{})
 	p := make([]byte, 4096)
 	if err := dev.ReadAt(context.Background(), p, 0); err != nil {
 		t.Fatal(err)
@@ -298,7 +288,7 @@ func TestOriginIgnoringIfMatch(t *testing.T) {
 // An origin that reports no size needs option size; one that does must
 // agree with it.
 func TestSizeOption(t *testing.T) {
-	data := randBytes(10000)
+	data := devtest.RandBytes(10000)
 	var headLength atomic.Bool
 	s := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
 		var first, last int
@@ -318,28 +308,25 @@ func TestSizeOption(t *testing.T) {
 		w.WriteHeader(http.StatusPartialContent)
 		w.Write(data[first : last+1])
 	})
-	_, err := tryOpen(s.URL+"/stream", backends.Env{})
+	_, err := devtest.TryOpen(s.URL+"/stream", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), `"size"`) {
 		t.Fatalf("open of a sizeless origin: %v; want a request for option size", err)
 	}
-	dev := openSpec(t, "size=10000;"+s.URL+"/stream", backends.Env{})
-	got := make([]byte, 10000)
-	if err := dev.ReadAt(context.Background(), got, 0); err != nil || !bytes.Equal(got, data) {
-		t.Fatalf("read of a sizeless origin: %v", err)
-	}
+	dev := devtest.Open(t, "size=10000;"+s.URL+"/stream", backends.Env{})
+	devtest.CheckRead(t, "read of a sizeless origin", dev, 0, data)
 
 	// HEAD fills in what the range reply left out.
 	headLength.Store(true)
-	if dev := openSpec(t, s.URL+"/stream2", backends.Env{}); dev.Size() != 10000 {
+	if dev := devtest.Open(t, s.URL+"/stream2", backends.Env{}); dev.Size() != 10000 {
 		t.Fatalf("size from HEAD: %d, want 10000", dev.Size())
 	}
 
 	good := startOrigin(t, func(w http.ResponseWriter, r *http.Request) { serveObject(w, r, data, `"x"`) })
-	_, err = tryOpen("size=8Ki;"+good.URL+"/disk.img", backends.Env{})
+	_, err = devtest.TryOpen("size=8Ki;"+good.URL+"/disk.img", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), `"size"`) || !strings.Contains(err.Error(), "10000") {
 		t.Fatalf("open with a size the origin contradicts: %v", err)
 	}
-	if dev := openSpec(t, "size=10000;"+good.URL+"/disk.img", backends.Env{}); dev.Size() != 10000 {
+	if dev := devtest.Open(t, "size=10000;"+good.URL+"/disk.img", backends.Env{}); dev.Size() != 10000 {
 		t.Fatalf("size %d", dev.Size())
 	}
 }
@@ -382,7 +369,7 @@ func TestBadSpecs(t *testing.T) {
 // Every read is conditional on the validator pinned at open: a strong ETag
 // (If-Match), else Last-Modified (If-Unmodified-Since).
 func TestConditionalReads(t *testing.T) {
-	data := randBytes(64 << 10)
+	data := devtest.RandBytes(64 << 10)
 	lastMod := mtime.Format(http.TimeFormat)
 	for _, tc := range []struct{ etag, header, want string }{
 		{`"strong"`, "If-Match", `"strong"`},
@@ -402,7 +389,7 @@ func TestConditionalReads(t *testing.T) {
 			}
 			http.ServeContent(w, r, "", mtime, bytes.NewReader(data))
 		})
-		dev := openSpec(t, s.URL+"/disk.img", backends.Env{})
+		dev := devtest.Open(t, s.URL+"/disk.img", backends.Env{})
 		for off := 0; off < len(data); off += 16 << 10 {
 			if err := dev.ReadAt(context.Background(), make([]byte, 16<<10), uint64(off)); err != nil {
 				t.Fatal(err)
@@ -424,7 +411,7 @@ func TestConditionalReads(t *testing.T) {
 // A large read is fetched as parallel range requests, never more at once
 // than option connections allows.
 func TestParallelChunksCapped(t *testing.T) {
-	data := randBytes(16 << 20)
+	data := devtest.RandBytes(16 << 20)
 	for _, conns := range []int{2, 8} {
 		var mu sync.Mutex
 		inFlight, most, seen := 0, 0, 0
@@ -450,14 +437,8 @@ func TestParallelChunksCapped(t *testing.T) {
 			}
 			serveObject(w, r, data, `"v1"`)
 		})
-		dev := openSpec(t, fmt.Sprintf("connections=%d;%s/disk.img", conns, s.URL), backends.Env{})
-		got := make([]byte, len(data))
-		if err := dev.ReadAt(context.Background(), got, 0); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, data) {
-			t.Fatal("read differs")
-		}
+		dev := devtest.Open(t, fmt.Sprintf("connections=%d;%s/disk.img", conns, s.URL), backends.Env{})
+		devtest.CheckRead(t, "read", dev, 0, data)
 		mu.Lock()
 		if most != conns {
 			t.Errorf("connections=%d: at most %d requests were in flight, want exactly %d", conns, most, conns)
@@ -477,7 +458,7 @@ func TestRedirectDowngradeRefused(t *testing.T) {
 	if err := os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: s.Certificate().Raw}), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	_, err := tryOpen("ca="+caFile+";"+s.URL+"/disk.img", backends.Env{})
+	_, err := devtest.TryOpen("ca="+caFile+";"+s.URL+"/disk.img", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), "https to http") {
 		t.Fatalf("open through a downgrading redirect: %v", err)
 	}
@@ -485,7 +466,7 @@ func TestRedirectDowngradeRefused(t *testing.T) {
 
 // A connection that breaks in the middle of a body is retried.
 func TestRetryBrokenBody(t *testing.T) {
-	data := randBytes(1 << 20)
+	data := devtest.RandBytes(1 << 20)
 	var broken atomic.Int32
 	s := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Range") != "bytes=0-0" && broken.Add(1) == 1 {
@@ -498,14 +479,8 @@ func TestRetryBrokenBody(t *testing.T) {
 		}
 		serveObject(w, r, data, `"v1"`)
 	})
-	dev := openSpec(t, s.URL+"/disk.img", backends.Env{})
-	got := make([]byte, len(data))
-	if err := dev.ReadAt(context.Background(), got, 0); err != nil {
-		t.Fatalf("read through a broken connection: %v", err)
-	}
-	if !bytes.Equal(got, data) {
-		t.Fatal("read differs")
-	}
+	dev := devtest.Open(t, s.URL+"/disk.img", backends.Env{})
+	devtest.CheckRead(t, "read through a broken connection", dev, 0, data)
 	if n := broken.Load(); n != 2 {
 		t.Fatalf("%d range requests, want 2", n)
 	}
@@ -527,7 +502,7 @@ func TestLogsKeepCredentialsOut(t *testing.T) {
 		klog.SetOutput(os.Stderr)
 	})
 
-	data := randBytes(64 << 10)
+	data := devtest.RandBytes(64 << 10)
 	var etag atomic.Value
 	etag.Store(`"v1"`)
 	var fails atomic.Int32
@@ -543,7 +518,7 @@ func TestLogsKeepCredentialsOut(t *testing.T) {
 		http.Redirect(w, r, final.URL+"/obj?X-Amz-Signature=SIGNATURE2", http.StatusFound)
 	})
 	env := backends.Env{Secrets: map[string]string{"tok": "Bearer TOKENVALUE"}}
-	dev := openSpec(t, "header-secret=tok;"+front.URL+"/obj?X-Amz-Signature=SIGNATURE1", env)
+	dev := devtest.Open(t, "header-secret=tok;"+front.URL+"/obj?X-Amz-Signature=SIGNATURE1", env)
 	p := make([]byte, 4096)
 	if err := dev.ReadAt(context.Background(), p, 0); err != nil { // one 503, one retry
 		t.Fatal(err)
@@ -572,9 +547,9 @@ func TestLogsKeepCredentialsOut(t *testing.T) {
 func TestEncodedRangeRefused(t *testing.T) {
 	s := startOrigin(t, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Encoding", "gzip")
-		serveObject(w, r, randBytes(4096), `"v1"`)
+		serveObject(w, r, devtest.RandBytes(4096), `"v1"`)
 	})
-	_, err := tryOpen(s.URL+"/disk.img", backends.Env{})
+	_, err := devtest.TryOpen(s.URL+"/disk.img", backends.Env{})
 	if err == nil || !strings.Contains(err.Error(), `"gzip"-encoded`) {
 		t.Fatalf("open of a gzip-encoding origin: %v", err)
 	}

@@ -3,7 +3,6 @@ package nbdremote
 import (
 	"context"
 	"errors"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,9 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
-	"github.com/csi-nbd/csi-nbd/pkg/nbd"
 )
 
 var ctx = context.Background()
@@ -78,75 +77,7 @@ func (k *nbdkit) uri() string { return "nbd://" + testserver.Addr(k.port) + "/" 
 // openSpec parses and opens spec, closing it at the end of the test.
 func openSpec(t *testing.T, spec string, env backends.Env) *Device {
 	t.Helper()
-	s, err := backends.Parse(spec)
-	if err != nil {
-		t.Fatalf("parse %q: %v", spec, err)
-	}
-	dev, err := backends.Open(ctx, s, env)
-	if err != nil {
-		t.Fatalf("open %q: %v", spec, err)
-	}
-	t.Cleanup(func() { dev.Close() })
-	return dev.(*Device)
-}
-
-func openErr(t *testing.T, spec string) error {
-	t.Helper()
-	s, err := backends.Parse(spec)
-	if err != nil {
-		return err
-	}
-	dev, err := backends.Open(ctx, s, backends.Env{})
-	if err == nil {
-		dev.Close()
-		t.Fatalf("open %q succeeded", spec)
-	}
-	return err
-}
-
-// oneExport serves one device as every export.
-type oneExport struct{ dev backends.Device }
-
-func (e oneExport) Open(context.Context, string) (*nbd.Export, func(), error) {
-	return &nbd.Export{Device: e.dev}, func() {}, nil
-}
-func (e oneExport) List(context.Context) []nbd.ExportInfo { return []nbd.ExportInfo{{}} }
-
-// serveOwn serves dev with our own NBD server (as `csi-nbd serve` does)
-// on a unix socket and on TCP 127.0.0.1; it returns both URIs.
-func serveOwn(t *testing.T, dev backends.Device) (unixURI, tcpURI string) {
-	t.Helper()
-	srv, err := nbd.NewServer(nbd.ServerConfig{Exports: oneExport{dev}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	uln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ctx, uln)
-	go srv.Serve(ctx, tln)
-	t.Cleanup(func() {
-		c, cancel := context.WithTimeout(ctx, 10*time.Second)
-		defer cancel()
-		srv.Shutdown(c)
-	})
-	return "nbd+unix:///?socket=" + sock, "nbd://" + tln.Addr().String() + "/"
-}
-
-func run(t *testing.T, name string, args ...string) string {
-	t.Helper()
-	testserver.RequireTool(t, name)
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %q: %v\n%s", name, args, err, out)
-	}
-	return string(out)
+	return devtest.Open(t, spec, env).(*Device)
 }
 
 func isErr(err error, target error) bool { return errors.Is(err, target) }

@@ -16,20 +16,13 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testpki"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/memory"
 	"github.com/csi-nbd/csi-nbd/pkg/nbd"
 )
-
-func randBytes(n int) []byte {
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = byte(rand.Uint32() | 1)
-	}
-	return b
-}
 
 func TestBadSpecs(t *testing.T) {
 	for _, tc := range []struct{ spec, want string }{
@@ -61,7 +54,7 @@ func TestBadSpecs(t *testing.T) {
 		}
 	}
 	// A certificate directory must hold something useful.
-	if err := openErr(t, "tls-certificates="+t.TempDir()+";nbds://127.0.0.1:1/"); !strings.Contains(err.Error(), "neither ca-cert.pem nor client-cert.pem") {
+	if err := devtest.OpenErr(t, "tls-certificates="+t.TempDir()+";nbds://127.0.0.1:1/", backends.Env{}); !strings.Contains(err.Error(), "neither ca-cert.pem nor client-cert.pem") {
 		t.Errorf("empty certificate directory: %v", err)
 	}
 }
@@ -141,7 +134,7 @@ func exercise(t *testing.T, dev backends.Device, size int) []byte {
 				off := r.IntN(region - n)
 				switch r.IntN(4) {
 				case 0, 1:
-					b := randBytes(n)
+					b := devtest.RandBytes(n)
 					if err := dev.WriteAt(ctx, b, uint64(base+off), r.IntN(4) == 0); err != nil {
 						errs <- err
 						return
@@ -199,12 +192,12 @@ func TestNbdkitMemory(t *testing.T) {
 	}
 	model := exercise(t, d, 32<<20)
 	out := filepath.Join(t.TempDir(), "out")
-	run(t, "nbdcopy", k.uri(), out)
+	testserver.Run(t, "nbdcopy", k.uri(), out)
 	if got, _ := os.ReadFile(out); !bytes.Equal(got, model) {
 		t.Fatal("nbdkit holds different data")
 	}
 	// Extents mirror nbdkit's: a trimmed 1 MiB is a hole.
-	d.WriteAt(ctx, randBytes(2<<20), 0, false)
+	d.WriteAt(ctx, devtest.RandBytes(2<<20), 0, false)
 	d.Trim(ctx, 1<<20, 1<<20, false)
 	var exts []backends.Extent
 	if err := d.Extents(ctx, 0, 2<<20, func(e backends.Extent) { exts = append(exts, e) }); err != nil {
@@ -230,18 +223,14 @@ func TestNoMultiConn(t *testing.T) {
 func TestOwnServer(t *testing.T) {
 	for i := range 2 {
 		vol := memory.New(16 << 20)
-		unixURI, tcpURI := serveOwn(t, vol)
-		uri := []string{tcpURI, unixURI}[i]
+		srv := testserver.StartNBD(t, testserver.OneExport{Device: vol})
+		uri := []string{srv.TCPURI(""), srv.UnixURI("")}[i]
 		d := openSpec(t, "connections=3;"+uri, backends.Env{})
 		if len(d.slots) != 3 || !d.Caps().Extents {
 			t.Fatalf("%s: connections %d caps %+v", uri, len(d.slots), d.Caps())
 		}
 		model := exercise(t, d, 16<<20)
-		got := make([]byte, 16<<20)
-		vol.ReadAt(ctx, got, 0)
-		if !bytes.Equal(got, model) {
-			t.Fatalf("%s: the volume holds different data", uri)
-		}
+		devtest.CheckRead(t, uri+": the volume", vol, 0, model)
 	}
 }
 
@@ -258,12 +247,7 @@ func TestServerErrorsAreNotRetried(t *testing.T) {
 	}
 	ro := startNbdkit(t, testserver.FreePort(t), "-r", "memory", "1M")
 	r := openSpec(t, ro.uri(), backends.Env{})
-	if !r.Caps().ReadOnly {
-		t.Fatal("read-only export not mirrored")
-	}
-	if err := r.WriteAt(ctx, []byte{1}, 0, false); !errors.Is(err, syscall.EPERM) {
-		t.Fatalf("write to a read-only export: %v", err)
-	}
+	devtest.CheckReadOnly(t, r)
 }
 
 // TestReconnect kills nbdkit (file plugin, so the data survives) while
@@ -271,7 +255,7 @@ func TestServerErrorsAreNotRetried(t *testing.T) {
 // no request failed and every write is there.
 func TestReconnect(t *testing.T) {
 	img := filepath.Join(t.TempDir(), "disk.img")
-	base := randBytes(4 << 20)
+	base := devtest.RandBytes(4 << 20)
 	if err := os.WriteFile(img, base, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -293,7 +277,7 @@ func TestReconnect(t *testing.T) {
 			for !stop.Load() {
 				off := region + uint64(r.IntN(1<<20-4096))
 				if r.IntN(2) == 0 {
-					b := randBytes(4096)
+					b := devtest.RandBytes(4096)
 					if err := d.WriteAt(ctx, b, off, false); err != nil {
 						errs <- err
 						return
@@ -357,7 +341,7 @@ func TestReconnect(t *testing.T) {
 // cancelled context stops a request at once.
 func TestUnreachable(t *testing.T) {
 	port := testserver.FreePort(t)
-	err := openErr(t, "timeout=500ms;nbd://"+testserver.Addr(port)+"/")
+	err := devtest.OpenErr(t, "timeout=500ms;nbd://"+testserver.Addr(port)+"/", backends.Env{})
 	if !strings.Contains(err.Error(), "connection refused") || !strings.Contains(err.Error(), "within 500ms") ||
 		!strings.Contains(err.Error(), testserver.Addr(port)) {
 		t.Errorf("refused: %v", err)
@@ -377,7 +361,7 @@ func TestUnreachable(t *testing.T) {
 			defer c.Close() // accept, say nothing
 		}
 	}()
-	err = openErr(t, "timeout=300ms;nbd://"+ln.Addr().String()+"/")
+	err = devtest.OpenErr(t, "timeout=300ms;nbd://"+ln.Addr().String()+"/", backends.Env{})
 
 	if !strings.Contains(err.Error(), "no answer within 300ms") {
 		t.Errorf("silent server: %v", err)
@@ -463,16 +447,16 @@ func waitStopped(t *testing.T, pid int) {
 func TestProxy(t *testing.T) {
 	k := startNbdkit(t, testserver.FreePort(t), "memory", "8M")
 	d := openSpec(t, "connections=2;"+k.uri(), backends.Env{})
-	proxy, _ := serveOwn(t, d)
+	proxy := testserver.ServeNBDURI(t, d)
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src")
-	data := randBytes(8 << 20)
+	data := devtest.RandBytes(8 << 20)
 	clear(data[2<<20 : 6<<20])
 	os.WriteFile(src, data, 0o600)
-	run(t, "nbdcopy", "--connections=2", src, proxy)
-	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, k.uri())
-	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, proxy)
-	m := strings.Join(strings.Fields(run(t, "nbdinfo", "--map", proxy)), " ")
+	testserver.Run(t, "nbdcopy", "--connections=2", src, proxy)
+	testserver.Run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, k.uri())
+	testserver.Run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, proxy)
+	m := strings.Join(strings.Fields(testserver.Run(t, "nbdinfo", "--map", proxy)), " ")
 	if !strings.Contains(m, "2097152 4194304 3 hole,zero") {
 		t.Fatalf("nbdinfo --map through the proxy: %s", m)
 	}
@@ -497,13 +481,13 @@ func TestTLS(t *testing.T) {
 
 	// Without our CA, the server is not trusted; without TLS, refused;
 	// without a client certificate, nbdkit refuses us.
-	if err := openErr(t, "timeout=5s;"+uri); !strings.Contains(err.Error(), "certificate") {
+	if err := devtest.OpenErr(t, "timeout=5s;"+uri, backends.Env{}); !strings.Contains(err.Error(), "certificate") {
 		t.Errorf("untrusted server: %v", err)
 	}
-	if err := openErr(t, "timeout=5s;"+k.uri()); !strings.Contains(err.Error(), "requires TLS") {
+	if err := devtest.OpenErr(t, "timeout=5s;"+k.uri(), backends.Env{}); !strings.Contains(err.Error(), "requires TLS") {
 		t.Errorf("plain connection to a TLS server: %v", err)
 	}
-	if err := openErr(t, "timeout=5s,tls-certificates="+ca.ClientDir(t, false)+";"+uri); !strings.Contains(err.Error(), "reset by peer") {
+	if err := devtest.OpenErr(t, "timeout=5s,tls-certificates="+ca.ClientDir(t, false)+";"+uri, backends.Env{}); !strings.Contains(err.Error(), "reset by peer") {
 		t.Errorf("no client certificate: %v", err)
 	}
 }

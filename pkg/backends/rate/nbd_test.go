@@ -4,63 +4,32 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
-	"github.com/csi-nbd/csi-nbd/pkg/nbd"
 )
 
-// oneExport serves one device under every name.
-type oneExport struct{ dev backends.Device }
-
-func (e oneExport) Open(context.Context, string) (*nbd.Export, func(), error) {
-	return &nbd.Export{Device: e.dev}, func() {}, nil
-}
-func (e oneExport) List(context.Context) []nbd.ExportInfo { return nil }
-
-// serve opens spec and serves it on a unix socket; it returns the device
-// and the export's libnbd URI.
+// serve opens spec and serves it on a unix socket until the test ends; it
+// returns the device and the export's libnbd URI.
 func serve(t *testing.T, spec string) (backends.Device, string) {
 	t.Helper()
-	dev, err := open(spec)
+	dev, err := devtest.TryOpen(spec, backends.Env{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := nbd.NewServer(nbd.ServerConfig{Exports: oneExport{dev}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(context.Background(), ln)
+	// Registered first, so it runs after the server has shut down.
 	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown: %v", err)
-		}
 		if err := dev.Close(); err != nil {
 			t.Errorf("close: %v", err)
 		}
 	})
-	return dev, "nbd+unix:///?socket=" + sock
-}
-
-func run(t *testing.T, ctx context.Context, name string, args ...string) {
-	t.Helper()
-	testserver.RequireTool(t, name)
-	if out, err := exec.CommandContext(ctx, name, args...).CombinedOutput(); err != nil {
-		t.Fatalf("%s %q: %v\n%s", name, args, err, out)
-	}
+	return dev, testserver.ServeNBDURI(t, dev)
 }
 
 // Data goes through the whole stack (rate over readahead over memory)
@@ -77,8 +46,8 @@ func TestNbdcopyThroughRateAndReadahead(t *testing.T) {
 	if err := os.WriteFile(in, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	run(t, ctx, "nbdcopy", "--connections=4", "--threads=4", in, uri)
-	run(t, ctx, "nbdcopy", "--connections=4", "--threads=4", uri, out)
+	testserver.RunContext(t, ctx, "nbdcopy", "--connections=4", "--threads=4", in, uri)
+	testserver.RunContext(t, ctx, "nbdcopy", "--connections=4", "--threads=4", uri, out)
 	got, err := os.ReadFile(out)
 	if err != nil {
 		t.Fatal(err)

@@ -10,18 +10,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/memory"
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/readahead"
 )
-
-func open(spec string) (backends.Device, error) {
-	s, err := backends.Parse(spec)
-	if err != nil {
-		return nil, err
-	}
-	return backends.Open(context.Background(), s, backends.Env{})
-}
 
 func TestOptions(t *testing.T) {
 	for _, c := range []struct {
@@ -51,7 +44,7 @@ func TestOptions(t *testing.T) {
 		{spec: "rate-burst=100;memory:", wantErr: `"rate-burst"`},
 	} {
 		t.Run(c.spec, func(t *testing.T) {
-			dev, err := open(c.spec)
+			dev, err := devtest.TryOpen(c.spec, backends.Env{})
 			if c.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), c.wantErr) {
 					t.Fatalf("err %v, want one naming %s", err, c.wantErr)
@@ -141,7 +134,7 @@ func TestFind(t *testing.T) {
 	}
 
 	// In an opened stack with readahead below.
-	dev, err := open("rate=true,readahead=true;memory:")
+	dev, err := devtest.TryOpen("rate=true,readahead=true;memory:", backends.Env{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -274,7 +267,7 @@ func TestResizeForwards(t *testing.T) {
 		t.Errorf("size %d, inner %d after resize", d.Size(), inner.size)
 	}
 	// Through a whole opened stack: rate over readahead over memory.
-	dev, err := open("rate=true,readahead=true,size=1Mi;memory:")
+	dev, err := devtest.TryOpen("rate=true,readahead=true,size=1Mi;memory:", backends.Env{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/memory"
 )
@@ -304,7 +305,7 @@ func TestOptions(t *testing.T) {
 		{"readahead-max=1Gi;memory:", false, `"readahead-max"`},
 	} {
 		t.Run(c.spec, func(t *testing.T) {
-			dev, err := open(c.spec)
+			dev, err := devtest.TryOpen(c.spec, backends.Env{})
 			if c.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), c.wantErr) {
 					t.Fatalf("err %v, want one naming %s", err, c.wantErr)
@@ -320,14 +321,6 @@ func TestOptions(t *testing.T) {
 			}
 		})
 	}
-}
-
-func open(spec string) (backends.Device, error) {
-	s, err := backends.Parse(spec)
-	if err != nil {
-		return nil, err
-	}
-	return backends.Open(context.Background(), s, backends.Env{})
 }
 
 func TestCloseStopsReadahead(t *testing.T) {
@@ -371,7 +364,7 @@ func init() {
 // merely reports Caps.Cache (an nbd: origin forwards Cache to its server,
 // which keeps nothing for us).
 func TestWrapChoosesCacheOnlyWithACacheFilter(t *testing.T) {
-	dev, err := open("tst-cache=true,readahead=true;memory:")
+	dev, err := devtest.TryOpen("tst-cache=true,readahead=true;memory:", backends.Env{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,9 +7,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -20,10 +18,10 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
+	"github.com/csi-nbd/csi-nbd/internal/devtest"
 	"github.com/csi-nbd/csi-nbd/internal/testpki"
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
-	"github.com/csi-nbd/csi-nbd/pkg/nbd"
 )
 
 const bucketName = "volumes"
@@ -92,45 +90,6 @@ func (g *gw) chunks(prefix string) []string {
 
 func chunkName(i uint64) string { return fmt.Sprintf("%016x", i) }
 
-// exports serves one device under every name.
-type exports struct{ dev backends.Device }
-
-func (e exports) Open(context.Context, string) (*nbd.Export, func(), error) {
-	return &nbd.Export{Device: e.dev}, func() {}, nil
-}
-func (e exports) List(context.Context) []nbd.ExportInfo { return nil }
-
-// serveNBD serves dev on a unix socket and returns an NBD URI for it.
-func serveNBD(t *testing.T, dev backends.Device) string {
-	t.Helper()
-	srv, err := nbd.NewServer(nbd.ServerConfig{Exports: exports{dev}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(context.Background(), ln)
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-	})
-	return "nbd+unix:///?socket=" + sock
-}
-
-func run(t *testing.T, name string, args ...string) string {
-	t.Helper()
-	testserver.RequireTool(t, name)
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %q: %v\n%s", name, args, err, out)
-	}
-	return string(out)
-}
-
 // image is random data with zero runs: whole zero chunks (never stored)
 // and zeros inside chunks (stored, within their chunk).
 func image(size, chunk int) []byte {
@@ -162,10 +121,10 @@ func TestNbdcopyRoundTrip(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			uri := serveNBD(t, d)
-			run(t, "nbdcopy", "--connections=4", "--threads=4", in, uri)
+			uri := testserver.ServeNBDURI(t, d)
+			testserver.Run(t, "nbdcopy", "--connections=4", "--threads=4", in, uri)
 			out := filepath.Join(t.TempDir(), "out")
-			run(t, "nbdcopy", "--connections=4", "--threads=4", uri, out)
+			testserver.Run(t, "nbdcopy", "--connections=4", "--threads=4", uri, out)
 			if got, _ := os.ReadFile(out); !bytes.Equal(got, data) {
 				t.Fatal("data read back through NBD differs from what was written")
 			}
@@ -187,14 +146,14 @@ func TestNbdcopyRoundTrip(t *testing.T) {
 			if d2.Size() != size {
 				t.Fatalf("reopened size %d", d2.Size())
 			}
-			uri2 := serveNBD(t, d2)
+			uri2 := testserver.ServeNBDURI(t, d2)
 			out2 := filepath.Join(t.TempDir(), "out2")
-			run(t, "nbdcopy", uri2, out2)
+			testserver.Run(t, "nbdcopy", uri2, out2)
 			if got, _ := os.ReadFile(out2); !bytes.Equal(got, data) {
 				t.Fatal("data differs after reopening")
 			}
 			// Block status shows the stored chunks only.
-			m := run(t, "nbdinfo", "--map", uri2)
+			m := testserver.Run(t, "nbdinfo", "--map", uri2)
 			if !strings.Contains(m, "hole,zero") {
 				t.Errorf("nbdinfo --map shows no holes:\n%s", m)
 			}
@@ -239,15 +198,9 @@ func TestSparse(t *testing.T) {
 	if err := d.Zero(ctx, 3*chunk, 10, 0); err != nil {
 		t.Fatal(err)
 	}
-	got := make([]byte, 4*chunk)
-	if err := d.ReadAt(ctx, got, 0); err != nil {
-		t.Fatal(err)
-	}
 	want := make([]byte, 4*chunk)
 	copy(want[3*chunk+10:], buf[3*chunk+10:])
-	if !bytes.Equal(got, want) {
-		t.Fatal("contents after zeroing differ")
-	}
+	devtest.CheckRead(t, "contents after zeroing", d, 0, want)
 	var ext []backends.Extent
 	if err := d.Extents(ctx, 0, d.Size(), func(e backends.Extent) { ext = append(ext, e) }); err != nil {
 		t.Fatal(err)
@@ -423,9 +376,7 @@ func TestLease(t *testing.T) {
 	}
 	// Readers need no lease.
 	r := g.mustOpen(t, "leased", "readonly=true", "node-b")
-	if err := r.WriteAt(ctx, []byte{1}, 0, false); !errors.Is(err, syscall.EPERM) {
-		t.Fatalf("write to read-only open: %v", err)
-	}
+	devtest.CheckReadOnly(t, r)
 	// Deleting a volume in use is refused too.
 	if err := Delete(ctx, g.spec("leased", ""), g.env("controller")); !errors.Is(err, ErrLeased) {
 		t.Fatalf("delete while leased: %v", err)
