@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"github.com/csi-nbd/csi-nbd/pkg/backends/rate"
 	"github.com/csi-nbd/csi-nbd/pkg/driver"
 	"github.com/csi-nbd/csi-nbd/pkg/limits"
+	"github.com/csi-nbd/csi-nbd/pkg/metrics"
 )
 
 // newNodeDriver is an all-in-one driver with the real attacher and
@@ -144,6 +146,23 @@ func TestNodeSetLimitsLive(t *testing.T) {
 	}
 	if _, ok := dev.(interface{ Unwrap() backends.Device }); !ok {
 		t.Errorf("served stack %T is not wrapped for metrics", dev)
+	}
+	// What goes through the served stack shows in the node's metrics,
+	// labelled with the volume and its PV, with the limits in force.
+	if err := dev.WriteAt(ctx, make([]byte, 8192), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	rec := httptest.NewRecorder()
+	metrics.Handler(metrics.HandlerOptions{}).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	body := rec.Body.String()
+	for _, want := range []string{
+		`csi_nbd_volume_bytes_total{op="write",pv="pv-1",pvc="",pvc_namespace="",volume="` + key + `"} 8192`,
+		`csi_nbd_volume_limit{limit="read_bytes_per_second",pv="pv-1",pvc="",pvc_namespace="",volume="` + key + `"} 1.048576e+07`,
+		`csi_nbd_volume_attach_state{pv="pv-1",pvc="",pvc_namespace="",state="attached",volume="` + key + `"} 1`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %s", want)
+		}
 	}
 	if err := att.SetLimits("size=16Mi;memory:not-attached", want); err == nil {
 		t.Error("limits set on a volume that is not attached")
