@@ -28,6 +28,7 @@ type serverConn struct {
 	srv    *Server
 	remote string
 	br     *bufio.Reader
+	src    io.Reader   // what br reads: large payloads bypass br's copy
 	spin   *spinReader // under br until STARTTLS
 
 	mu       sync.Mutex // guards conn (replaced by STARTTLS) against stop
@@ -49,6 +50,7 @@ type serverConn struct {
 
 	inline   bool            // requests run on the reader (Caps.Fast devices)
 	lender   backends.Lender // reads are written from the device's memory
+	wlender  writeLender     // writes are read into the device's memory
 	reqs     chan *request
 	workers  int
 	idle     atomic.Int32
@@ -79,6 +81,7 @@ func newServerConn(s *Server, conn net.Conn) *serverConn {
 		remote: remoteName(conn),
 	}
 	c.spin = newSpinReader(conn)
+	c.src = c.spin
 	c.br = bufio.NewReaderSize(c.spin, 128<<10)
 	return c
 }
@@ -226,6 +229,7 @@ func (c *serverConn) transmit(ctx context.Context, exp *Export) {
 		// memory from the reader if that never blocks, and memory
 		// devices are Fast by nature anyway.
 		c.lender, _ = exp.Device.(backends.Lender)
+		c.wlender, _ = exp.Device.(writeLender)
 	}
 	c.spin.enabled = c.inline
 	c.reqs = make(chan *request, c.srv.cfg.MaxInFlight)
@@ -315,6 +319,14 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 					requestPool.Put(r)
 					return err
 				}
+			} else if c.wlender != nil {
+				if err := c.writeInPlace(r); err != nil {
+					requestPool.Put(r)
+					return err
+				}
+				requestPool.Put(r)
+				batch++
+				continue
 			} else {
 				r.weight = int64(r.length)
 				if err := c.acquire(ctx, r.weight); err != nil {
@@ -355,6 +367,82 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 		requestPool.Put(r)
 		batch++
 	}
+}
+
+// writeLender is implemented by devices whose data sits in memory the
+// server may fill itself (the memory backend): a WRITE's payload is read
+// from the socket straight into the device, saving the copy out of a
+// buffer. Like backends.Lender, filters do not forward it.
+type writeLender interface {
+	// BorrowWrite appends to dst the device's memory for [off,
+	// off+length), to be filled by the caller without further locking.
+	BorrowWrite(off, length uint64, dst [][]byte) ([][]byte, error)
+	// CommitWrite ends a borrow of the same range, filled or not.
+	CommitWrite(off, length uint64)
+}
+
+// writeInPlace serves a validated WRITE on the reader by reading its
+// payload into the device's own memory. Only a broken stream is returned;
+// the device's refusal is replied.
+func (c *serverConn) writeInPlace(r *request) error {
+	r.inline = true
+	vec := getVec()
+	defer putVec(vec)
+	var err error
+	if *vec, err = c.wlender.BorrowWrite(r.off, uint64(r.length), (*vec)[:0]); err != nil {
+		if c.br.Buffered() < int(r.length) {
+			c.out.flush()
+		}
+		if _, err := io.CopyN(io.Discard, c.br, int64(r.length)); err != nil {
+			return err
+		}
+		c.replyDeviceError(r, err)
+		return nil
+	}
+	if c.br.Buffered() < int(r.length) {
+		c.out.flush() // about to wait for the client: answer first
+	}
+	for _, b := range *vec {
+		if err = c.readPayload(b); err != nil {
+			break
+		}
+	}
+	c.wlender.CommitWrite(r.off, uint64(r.length))
+	if err != nil {
+		return err
+	}
+	if r.flags&CmdFlagFUA != 0 && !c.caps.FUA {
+		if err := c.dev.Flush(c.ctx); err != nil {
+			c.replyDeviceError(r, err)
+			return nil
+		}
+	}
+	var m outMsg
+	m.simple(r.cookie, 0)
+	c.reply(r, &m)
+	return nil
+}
+
+// directReadMin is the smallest read that bypasses the buffered reader
+// once it is drained: a bulk payload lands where it belongs with no copy
+// through br, while small ones still come with the requests behind them.
+const directReadMin = 16 << 10
+
+// readPayload fills p from the connection.
+func (c *serverConn) readPayload(p []byte) error {
+	for len(p) > 0 {
+		if n := c.br.Buffered(); n > 0 || len(p) < directReadMin {
+			n, err := io.ReadFull(c.br, p[:max(min(n, len(p)), min(len(p), directReadMin))])
+			if err != nil {
+				return err
+			}
+			p = p[n:]
+			continue
+		}
+		_, err := io.ReadFull(c.src, p)
+		return err
+	}
+	return nil
 }
 
 // inlineMaxPayload is the largest READ or WRITE the inline path runs

@@ -222,6 +222,7 @@ func (n *negotiation) startTLS(ctx context.Context, data []byte) error {
 	c.conn = tc
 	c.mu.Unlock()
 	c.br.Reset(tc)
+	c.src = tc
 	n.w.Reset(tc)
 	n.tls = true
 	// Everything negotiated in clear text is forgotten (proto.md STARTTLS).

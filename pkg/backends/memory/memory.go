@@ -162,6 +162,36 @@ func (d *Device) WriteAt(_ context.Context, p []byte, off uint64, _ bool) error 
 	return nil
 }
 
+// BorrowWrite appends to dst the device's own memory for [off,
+// off+length), for a write to be read straight into it (the server reads
+// a WRITE's payload from the socket into the pages: no copy). Absent
+// pages are allocated. CommitWrite with the same range must follow,
+// whether or not the memory was filled; until then the bytes may be seen
+// half-written by overlapping requests, which NBD leaves unspecified.
+func (d *Device) BorrowWrite(off, length uint64, dst [][]byte) ([][]byte, error) {
+	if err := d.check(off, length); err != nil {
+		return dst, err
+	}
+	for length > 0 {
+		po := off % pageSize
+		n := min(length, pageSize-po)
+		dst = append(dst, d.t.borrow(off>>pageShift, po, n))
+		off, length = off+n, length-n
+	}
+	return dst, nil
+}
+
+// CommitWrite ends a BorrowWrite of [off, off+length): pages left all
+// zeros are freed, as WriteAt would not have stored them.
+func (d *Device) CommitWrite(off, length uint64) {
+	for length > 0 {
+		po := off % pageSize
+		n := min(length, pageSize-po)
+		d.t.commit(off>>pageShift, po, n)
+		off, length = off+n, length-n
+	}
+}
+
 func (d *Device) Flush(context.Context) error { return nil }
 
 // Trim frees the range: it reads as zeros afterwards.

@@ -102,8 +102,12 @@ func TestRandomOps(t *testing.T) {
 				k := rng.Uint64N(uint64(len(noise)) - n + 1)
 				p = noise[k : k+n]
 			}
-			if err := d.WriteAt(ctx, p, off, false); err != nil {
-				t.Fatal(err)
+			if i%2 == 0 {
+				if err := d.WriteAt(ctx, p, off, false); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				writeBorrowed(t, d, p, off) // the server's write in place
 			}
 			copy(model[off:], p)
 		case 2:
@@ -576,5 +580,74 @@ func TestResize(t *testing.T) {
 	}
 	if err := d.WriteAt(ctx, []byte{1}, grown, false); !errors.Is(err, backends.ErrInvalid) {
 		t.Errorf("write past new end: %v", err)
+	}
+}
+
+// writeBorrowed writes p at off the way the NBD server does for a memory
+// device: into the lent pages, then committed.
+func writeBorrowed(t *testing.T, d *Device, p []byte, off uint64) {
+	t.Helper()
+	vec, err := d.BorrowWrite(off, uint64(len(p)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rest := p
+	for _, b := range vec {
+		rest = rest[copy(b, rest):]
+	}
+	if len(rest) != 0 {
+		t.Fatalf("borrowed %d bytes short of %d", len(rest), len(p))
+	}
+	d.CommitWrite(off, uint64(len(p)))
+}
+
+func TestBorrowWrite(t *testing.T) {
+	d := New(4 * pageSize)
+	if _, err := d.BorrowWrite(3*pageSize, pageSize+1, nil); err == nil {
+		t.Error("borrowing past the end succeeded")
+	}
+	// Zeros written in place do not stay stored.
+	writeBorrowed(t, d, make([]byte, pageSize+300), 100)
+	if n := d.t.pages(); n != 0 {
+		t.Errorf("writing zeros in place stored %d pages", n)
+	}
+	data := bytes.Repeat([]byte{9}, 2*pageSize)
+	writeBorrowed(t, d, data, 0)
+	if n := d.t.pages(); n != 2 {
+		t.Errorf("%d pages after writing two in place", n)
+	}
+	got := make([]byte, 2*pageSize)
+	if err := d.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read after write in place differs: %v", err)
+	}
+	// While a write of the first page's head is in flight, a trim of
+	// the rest of that page must not free it and lose the write (the
+	// page is all zeros until the borrower fills it).
+	if err := d.Zero(ctx, 0, 100, 0); err != nil {
+		t.Fatal(err)
+	}
+	vec, err := d.BorrowWrite(0, 100, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Trim(ctx, 100, pageSize-100, false); err != nil {
+		t.Fatal(err)
+	}
+	copy(vec[0], bytes.Repeat([]byte{5}, 100))
+	d.CommitWrite(0, 100)
+	head := make([]byte, 101)
+	if err := d.ReadAt(ctx, head, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(head, append(bytes.Repeat([]byte{5}, 100), 0)) {
+		t.Errorf("write in place lost to a trim of the rest of its page: %v", head)
+	}
+	// A borrow left unfilled (the client went away) stores nothing new.
+	if _, err := d.BorrowWrite(3*pageSize, 10, nil); err != nil {
+		t.Fatal(err)
+	}
+	d.CommitWrite(3*pageSize, 10)
+	if n := d.t.pages(); n != 2 {
+		t.Errorf("%d pages after an unfilled borrow, want 2", n)
 	}
 }

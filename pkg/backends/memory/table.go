@@ -42,7 +42,11 @@ type (
 // false-share.
 type stripe struct {
 	sync.RWMutex
-	_ [64 - unsafe.Sizeof(sync.RWMutex{})%64]byte
+	// pinned counts pages of this stripe lent out for a write in place
+	// (borrow … commit). While any is, nothing frees a page of the
+	// stripe for being all zeros: the borrower fills it without the lock.
+	pinned int32
+	_      [64 - (unsafe.Sizeof(sync.RWMutex{})+4)%64]byte
 }
 
 // zeroPage is compared against to detect all-zero data, and stands in for
@@ -166,6 +170,45 @@ func (t *table) write(p []byte, pi, po uint64) {
 	}
 }
 
+// borrow returns bytes [po, po+n) of page pi, allocating the page if
+// absent, for the caller to fill without holding the lock; commit must
+// follow. Until then the page is pinned: zeroPart does not free it under
+// the filler (a trim of other bytes of the page must not lose the write).
+func (t *table) borrow(pi, po, n uint64) []byte {
+	mu := t.lock(pi)
+	mu.Lock()
+	defer mu.Unlock()
+	s := t.makeSlot(pi)
+	pg := s.Load()
+	if pg == nil {
+		pg = new(page)
+		s.Store(pg)
+	}
+	mu.pinned++
+	return pg[po : po+n]
+}
+
+// commit ends a borrow of [po, po+n) of page pi. The page is freed if it
+// is now all zeros (zeros are not stored), unless another borrower of the
+// stripe may still be filling it. The bytes written are looked at first:
+// data ends the check at once, without scanning the rest of the page.
+func (t *table) commit(pi, po, n uint64) {
+	mu := t.lock(pi)
+	mu.Lock()
+	defer mu.Unlock()
+	mu.pinned--
+	if mu.pinned != 0 {
+		return
+	}
+	s := t.slot(pi)
+	if s == nil {
+		return // freed by an overlapping trim
+	}
+	if pg := s.Load(); pg != nil && isZero(pg[po:po+n]) && isZero(pg[:]) {
+		s.Store(nil)
+	}
+}
+
 // zeroPart zeros [po, po+n) of page pi, freeing it if it becomes all
 // zeros.
 func (t *table) zeroPart(pi, po, n uint64) {
@@ -177,7 +220,7 @@ func (t *table) zeroPart(pi, po, n uint64) {
 	mu.Lock()
 	if pg := s.Load(); pg != nil {
 		clear(pg[po : po+n])
-		if isZero(pg[:]) {
+		if mu.pinned == 0 && isZero(pg[:]) {
 			s.Store(nil)
 		}
 	}
