@@ -135,11 +135,8 @@ func checkCaps(s backends.Spec, caps []*csi.VolumeCapability) string {
 
 func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
 	name := req.GetName()
-	if name == "" {
-		return nil, status.Error(codes.InvalidArgument, "name is required")
-	}
-	if len(req.GetVolumeCapabilities()) == 0 {
-		return nil, status.Error(codes.InvalidArgument, "volume capabilities are required")
+	if err := required(arg{"name", name != ""}, arg{"volume capabilities", len(req.GetVolumeCapabilities()) > 0}); err != nil {
+		return nil, err
 	}
 	unlock, err := d.lock("volume-name/" + name)
 	if err != nil {
@@ -293,8 +290,8 @@ func probeSize(ctx context.Context, s backends.Spec, secrets map[string]string) 
 
 func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	if err := required(arg{"volume ID", id != ""}); err != nil {
+		return nil, err
 	}
 	unlock, err := d.lock("volume/" + id)
 	if err != nil {
@@ -305,19 +302,11 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	if known && len(rec.Published) > 0 {
 		return nil, status.Errorf(codes.FailedPrecondition, "volume %q is still published to %s", id, strings.Join(slices.Sorted(maps.Keys(rec.Published)), ", "))
 	}
-	spec, err := backends.Parse(id)
-	if err != nil {
-		// Not an ID we ever made: there is nothing to delete.
-		klog.V(2).InfoS("DeleteVolume of an unknown volume ID", "volumeID", id, "err", err)
-		return &csi.DeleteVolumeResponse{}, nil
-	}
-	if a := d.cfg.Admins[spec.Scheme()]; a != nil {
-		if err := a.Delete(ctx, spec, req.GetSecrets()); err != nil {
-			return nil, status.Errorf(codes.Internal, "deleting volume %q: %v", id, err)
-		}
+	if err := d.deleteState(ctx, "volume", id, req.GetSecrets()); err != nil {
+		return nil, err
 	}
 	if known {
-		if err := d.vols.update(name, func(volumeRecord, bool) (volumeRecord, bool, error) { return volumeRecord{}, false, nil }); err != nil {
+		if err := d.vols.remove(name); err != nil {
 			return nil, status.Error(codes.Internal, err.Error())
 		}
 	}
@@ -349,13 +338,8 @@ func (d *Driver) lookupVolume(ctx context.Context, id string, secrets map[string
 
 func (d *Driver) ControllerPublishVolume(ctx context.Context, req *csi.ControllerPublishVolumeRequest) (*csi.ControllerPublishVolumeResponse, error) {
 	id, node := req.GetVolumeId(), req.GetNodeId()
-	switch {
-	case id == "":
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
-	case node == "":
-		return nil, status.Error(codes.InvalidArgument, "node ID is required")
-	case req.GetVolumeCapability() == nil:
-		return nil, status.Error(codes.InvalidArgument, "volume capability is required")
+	if err := required(arg{"volume ID", id != ""}, arg{"node ID", node != ""}, arg{"volume capability", req.GetVolumeCapability() != nil}); err != nil {
+		return nil, err
 	}
 	unlock, err := d.lock("volume/" + id)
 	if err != nil {
@@ -412,8 +396,8 @@ func (d *Driver) ControllerPublishVolume(ctx context.Context, req *csi.Controlle
 
 func (d *Driver) ControllerUnpublishVolume(ctx context.Context, req *csi.ControllerUnpublishVolumeRequest) (*csi.ControllerUnpublishVolumeResponse, error) {
 	id, node := req.GetVolumeId(), req.GetNodeId()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
+	if err := required(arg{"volume ID", id != ""}); err != nil {
+		return nil, err
 	}
 	unlock, err := d.lock("volume/" + id)
 	if err != nil {
@@ -441,11 +425,8 @@ func (d *Driver) ControllerUnpublishVolume(ctx context.Context, req *csi.Control
 
 func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
-	}
-	if len(req.GetVolumeCapabilities()) == 0 {
-		return nil, status.Error(codes.InvalidArgument, "volume capabilities are required")
+	if err := required(arg{"volume ID", id != ""}, arg{"volume capabilities", len(req.GetVolumeCapabilities()) > 0}); err != nil {
+		return nil, err
 	}
 	_, _, spec, err := d.lookupVolume(ctx, id, req.GetSecrets())
 	if err != nil {
@@ -463,11 +444,8 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 
 func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
-	}
-	if req.GetCapacityRange() == nil {
-		return nil, status.Error(codes.InvalidArgument, "capacity range is required")
+	if err := required(arg{"volume ID", id != ""}, arg{"capacity range", req.GetCapacityRange() != nil}); err != nil {
+		return nil, err
 	}
 	unlock, err := d.lock("volume/" + id)
 	if err != nil {
@@ -509,11 +487,8 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 
 func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
 	name, srcID := req.GetName(), req.GetSourceVolumeId()
-	switch {
-	case name == "":
-		return nil, status.Error(codes.InvalidArgument, "snapshot name is required")
-	case srcID == "":
-		return nil, status.Error(codes.InvalidArgument, "source volume ID is required")
+	if err := required(arg{"snapshot name", name != ""}, arg{"source volume ID", srcID != ""}); err != nil {
+		return nil, err
 	}
 	unlock, err := d.lock("snapshot-name/" + name)
 	if err != nil {
@@ -567,8 +542,8 @@ func (r snapshotRecord) csiSnapshot() *csi.Snapshot {
 
 func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequest) (*csi.DeleteSnapshotResponse, error) {
 	id := req.GetSnapshotId()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "snapshot ID is required")
+	if err := required(arg{"snapshot ID", id != ""}); err != nil {
+		return nil, err
 	}
 	unlock, err := d.lock("snapshot/" + id)
 	if err != nil {
@@ -576,19 +551,30 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 	}
 	defer unlock()
 	name, _, known := d.snaps.find(func(_ string, r snapshotRecord) bool { return r.ID == id })
-	spec, err := backends.Parse(id)
-	if err != nil {
-		return &csi.DeleteSnapshotResponse{}, nil
-	}
-	if a := d.cfg.Admins[spec.Scheme()]; a != nil {
-		if err := a.Delete(ctx, spec, req.GetSecrets()); err != nil {
-			return nil, status.Errorf(codes.Internal, "deleting snapshot %q: %v", id, err)
-		}
+	if err := d.deleteState(ctx, "snapshot", id, req.GetSecrets()); err != nil {
+		return nil, err
 	}
 	if known {
-		if err := d.snaps.update(name, func(snapshotRecord, bool) (snapshotRecord, bool, error) { return snapshotRecord{}, false, nil }); err != nil {
+		if err := d.snaps.remove(name); err != nil {
 			return nil, status.Error(codes.Internal, err.Error())
 		}
 	}
 	return &csi.DeleteSnapshotResponse{}, nil
+}
+
+// deleteState removes the backend state behind id, a volume's or a
+// snapshot's spec, through its scheme's admin. An ID that is no spec was
+// never ours: there is nothing to delete.
+func (d *Driver) deleteState(ctx context.Context, what, id string, secrets map[string]string) error {
+	spec, err := backends.Parse(id)
+	if err != nil {
+		klog.V(2).InfoS("Delete of an unknown ID", "kind", what, "id", id, "err", err)
+		return nil
+	}
+	if a := d.cfg.Admins[spec.Scheme()]; a != nil {
+		if err := a.Delete(ctx, spec, secrets); err != nil {
+			return status.Errorf(codes.Internal, "deleting %s %q: %v", what, id, err)
+		}
+	}
+	return nil
 }

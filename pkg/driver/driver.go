@@ -297,3 +297,19 @@ func (d *Driver) lock(key string) (func(), error) {
 	}
 	return func() { d.locks.unlock(key) }, nil
 }
+
+// arg is one required request field: its name and whether it was given.
+type arg struct {
+	name  string
+	given bool
+}
+
+// required returns InvalidArgument naming the first field not given.
+func required(args ...arg) error {
+	for _, a := range args {
+		if !a.given {
+			return status.Errorf(codes.InvalidArgument, "missing %s", a.name)
+		}
+	}
+	return nil
+}

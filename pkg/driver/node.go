@@ -45,14 +45,25 @@ func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.Nod
 // nodeVolume parses a volume ID (our IDs are the volume's spec) into the
 // spec and the attacher's key for it.
 func nodeVolume(id string) (backends.Spec, string, error) {
-	if id == "" {
-		return backends.Spec{}, "", status.Error(codes.InvalidArgument, "volume ID is required")
-	}
 	spec, err := backends.Parse(id)
 	if err != nil {
 		return backends.Spec{}, "", status.Errorf(codes.NotFound, "volume %q: %v", id, err)
 	}
 	return spec, backends.VolumeKey(spec), nil
+}
+
+// lockNodeVolume parses the volume ID, checks the capabilities (if any)
+// against it, and takes the volume's node lock.
+func (d *Driver) lockNodeVolume(id string, caps ...*csi.VolumeCapability) (backends.Spec, string, func(), error) {
+	spec, key, err := nodeVolume(id)
+	if err != nil {
+		return spec, "", nil, err
+	}
+	if why := checkCaps(spec, caps); why != "" {
+		return spec, "", nil, status.Error(codes.InvalidArgument, why)
+	}
+	unlock, err := d.lock("node/" + key)
+	return spec, key, unlock, err
 }
 
 // readOnlyOpen asks the backend itself to open read-only when it can (an
@@ -83,22 +94,11 @@ func readOnlyMode(c *csi.VolumeCapability) bool {
 func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
 	staging := req.GetStagingTargetPath()
 	capability := req.GetVolumeCapability()
-	switch {
-	case req.GetVolumeId() == "":
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
-	case staging == "":
-		return nil, status.Error(codes.InvalidArgument, "staging target path is required")
-	case capability == nil:
-		return nil, status.Error(codes.InvalidArgument, "volume capability is required")
-	}
-	spec, key, err := nodeVolume(req.GetVolumeId())
-	if err != nil {
+	if err := required(arg{"volume ID", req.GetVolumeId() != ""}, arg{"staging target path", staging != ""},
+		arg{"volume capability", capability != nil}); err != nil {
 		return nil, err
 	}
-	if why := checkCaps(spec, []*csi.VolumeCapability{capability}); why != "" {
-		return nil, status.Error(codes.InvalidArgument, why)
-	}
-	unlock, err := d.lock("node/" + key)
+	spec, key, unlock, err := d.lockNodeVolume(req.GetVolumeId(), capability)
 	if err != nil {
 		return nil, err
 	}
@@ -151,19 +151,14 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 }
 
 func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
-	_, key, err := nodeVolume(req.GetVolumeId())
-	if err != nil && status.Code(err) == codes.InvalidArgument {
+	staging := req.GetStagingTargetPath()
+	if err := required(arg{"volume ID", req.GetVolumeId() != ""}, arg{"staging target path", staging != ""}); err != nil {
 		return nil, err
 	}
-	staging := req.GetStagingTargetPath()
-	if staging == "" {
-		return nil, status.Error(codes.InvalidArgument, "staging target path is required")
-	}
-	if err != nil {
+	_, key, unlock, err := d.lockNodeVolume(req.GetVolumeId())
+	if status.Code(err) == codes.NotFound {
 		return &csi.NodeUnstageVolumeResponse{}, nil // never ours
-	}
-	unlock, err := d.lock("node/" + key)
-	if err != nil {
+	} else if err != nil {
 		return nil, err
 	}
 	defer unlock()
@@ -180,24 +175,11 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	target, staging, capability := req.GetTargetPath(), req.GetStagingTargetPath(), req.GetVolumeCapability()
-	switch {
-	case req.GetVolumeId() == "":
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
-	case target == "":
-		return nil, status.Error(codes.InvalidArgument, "target path is required")
-	case staging == "":
-		return nil, status.Error(codes.InvalidArgument, "staging target path is required")
-	case capability == nil:
-		return nil, status.Error(codes.InvalidArgument, "volume capability is required")
-	}
-	spec, key, err := nodeVolume(req.GetVolumeId())
-	if err != nil {
+	if err := required(arg{"volume ID", req.GetVolumeId() != ""}, arg{"target path", target != ""},
+		arg{"staging target path", staging != ""}, arg{"volume capability", capability != nil}); err != nil {
 		return nil, err
 	}
-	if why := checkCaps(spec, []*csi.VolumeCapability{capability}); why != "" {
-		return nil, status.Error(codes.InvalidArgument, why)
-	}
-	unlock, err := d.lock("node/" + key)
+	spec, key, unlock, err := d.lockNodeVolume(req.GetVolumeId(), capability)
 	if err != nil {
 		return nil, err
 	}
@@ -244,12 +226,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 }
 
 func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
-	if req.GetVolumeId() == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
-	}
 	target := req.GetTargetPath()
-	if target == "" {
-		return nil, status.Error(codes.InvalidArgument, "target path is required")
+	if err := required(arg{"volume ID", req.GetVolumeId() != ""}, arg{"target path", target != ""}); err != nil {
+		return nil, err
 	}
 	if err := mount.CleanupMountPoint(target, d.cfg.Mounter, true); err != nil {
 		return nil, status.Errorf(codes.Internal, "unmounting %q: %v", target, err)
@@ -259,11 +238,8 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 
 func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
 	p := req.GetVolumePath()
-	if req.GetVolumeId() == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
-	}
-	if p == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume path is required")
+	if err := required(arg{"volume ID", req.GetVolumeId() != ""}, arg{"volume path", p != ""}); err != nil {
+		return nil, err
 	}
 	_, key, err := nodeVolume(req.GetVolumeId())
 	if err != nil {
@@ -315,14 +291,7 @@ func blockDeviceSize(p string) (uint64, error) {
 
 func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
 	p := req.GetVolumePath()
-	if req.GetVolumeId() == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume ID is required")
-	}
-	if p == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume path is required")
-	}
-	_, key, err := nodeVolume(req.GetVolumeId())
-	if err != nil {
+	if err := required(arg{"volume ID", req.GetVolumeId() != ""}, arg{"volume path", p != ""}); err != nil {
 		return nil, err
 	}
 	if _, err := os.Stat(p); err != nil {
@@ -332,7 +301,7 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if err != nil {
 		return nil, err
 	}
-	unlock, err := d.lock("node/" + key)
+	_, key, unlock, err := d.lockNodeVolume(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}

@@ -96,6 +96,12 @@ func (s *jsonStore[T]) update(k string, fn func(v T, ok bool) (T, bool, error)) 
 	return nil
 }
 
+// remove deletes k's record, if any, and persists the result.
+func (s *jsonStore[T]) remove(k string) error {
+	var zero T
+	return s.update(k, func(T, bool) (T, bool, error) { return zero, false, nil })
+}
+
 func (s *jsonStore[T]) save() error {
 	b, err := json.MarshalIndent(s.m, "", "  ")
 	if err != nil {
