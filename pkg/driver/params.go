@@ -67,6 +67,10 @@ const (
 	ctxPVName       = "pvName"
 )
 
+// metadataContext maps the provisioner's extra metadata parameters to
+// their volume context keys.
+var metadataContext = map[string]string{ParamPVCName: ctxPVCName, ParamPVCNamespace: ctxPVCNamespace, ParamPVName: ctxPVName}
+
 // volumePlan is what CreateVolume makes of a request's parameters.
 type volumePlan struct {
 	backend string // the backend parameter
@@ -106,9 +110,9 @@ func planVolume(name string, size uint64, params map[string]string, rateAlways b
 	// Parameters that make the URL, and the ones only the node needs.
 	used := map[string]bool{ParamBackend: true}
 	take := func(k string) string { used[k] = true; return params[k] }
-	for _, k := range []string{ParamPVCName, ParamPVCNamespace, ParamPVName} {
-		if v := take(k); v != "" {
-			p.context[map[string]string{ParamPVCName: ctxPVCName, ParamPVCNamespace: ctxPVCNamespace, ParamPVName: ctxPVName}[k]] = v
+	for param, key := range metadataContext {
+		if v := take(param); v != "" {
+			p.context[key] = v
 		}
 	}
 	for _, k := range []string{ParamFSType, ParamFSTypeK8s} {
