@@ -18,6 +18,7 @@ import (
 	utilexec "k8s.io/utils/exec"
 
 	_ "github.com/csi-nbd/csi-nbd/pkg/backends/all"
+	"github.com/csi-nbd/csi-nbd/pkg/attach"
 	"github.com/csi-nbd/csi-nbd/pkg/driver"
 	"github.com/csi-nbd/csi-nbd/pkg/kube"
 	"github.com/csi-nbd/csi-nbd/pkg/metrics"
@@ -164,17 +165,17 @@ func (a *attachFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&a.connections, "connections", 2, "NBD connections per volume (one socketpair and kernel queue each)")
 	fs.DurationVar(&a.timeout, "timeout", 30*time.Second, "kernel request timeout: requests in flight are requeued after it")
 	fs.DurationVar(&a.deadConnTimeout, "dead-conn-timeout", 10*time.Minute, "how long the kernel holds I/O for a restarted server to reconnect")
-	fs.StringVar(&a.fallback, "fallback", "auto", "FUSE+loop fallback when the kernel has no nbd: auto, never or always")
+	fs.StringVar(&a.fallback, "fallback", attach.FallbackAuto, "FUSE+loop fallback when the kernel has no nbd: auto, never or always")
 }
 
 func (a attachFlags) check() error {
 	switch a.fallback {
-	case "auto", "never", "always":
+	case attach.FallbackAuto, attach.FallbackNever, attach.FallbackAlways:
 	default:
 		return fmt.Errorf("--fallback=%q: want auto, never or always", a.fallback)
 	}
-	if a.connections < 1 || a.connections > 16 {
-		return fmt.Errorf("--connections=%d: want 1 to 16", a.connections)
+	if a.connections < 1 || a.connections > attach.MaxConnections {
+		return fmt.Errorf("--connections=%d: want 1 to %d", a.connections, attach.MaxConnections)
 	}
 	return nil
 }
