@@ -26,6 +26,7 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
+	"github.com/csi-nbd/csi-nbd/pkg/attach/fuseloop"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/nbd"
 	"github.com/csi-nbd/csi-nbd/pkg/nbd/netlink"
@@ -188,7 +189,7 @@ func NewManager(stateDir string, env backends.Env) (*Manager, error) {
 		env:        env,
 		st:         st,
 		openKernel: openNetlink,
-		loop:       defaultLoopFallback,
+		loop:       fuseloopAdapter{},
 		vols:       map[string]*volume{},
 		locks:      map[string]*idLock{},
 		kick:       make(chan struct{}, 1),
@@ -244,7 +245,7 @@ func (m *Manager) kernel(ctx context.Context) (kernel, error) {
 
 // chooseKind applies the fallback policy.
 func (m *Manager) chooseKind(ctx context.Context, o Options) (string, error) {
-	loopErr := errors.New("the FUSE+loop fallback is not built into this binary")
+	loopErr := errors.New("the FUSE+loop fallback is disabled")
 	if m.loop != nil {
 		loopErr = m.loop.Available()
 	}
@@ -497,7 +498,7 @@ func (m *Manager) attachLoop(ctx context.Context, v *volume, secrets map[string]
 	if err != nil {
 		return fmt.Errorf("attach: %w", err)
 	}
-	a, err := m.loop.Attach(ctx, v.dev, LoopConfig{Name: "volume", Dir: dir, ReadOnly: v.rec.Options.ReadOnly, BlockSize: uint32(bs)})
+	a, err := m.loop.Attach(ctx, v.dev, fuseloop.Config{Name: "volume", Dir: dir, ReadOnly: v.rec.Options.ReadOnly, BlockSize: uint32(bs)})
 	if err != nil {
 		return fmt.Errorf("attach: FUSE+loop fallback: %w", err)
 	}
