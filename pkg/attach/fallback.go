@@ -3,29 +3,23 @@ package attach
 import (
 	"context"
 
+	"github.com/csi-nbd/csi-nbd/pkg/attach/fuseloop"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
 
-// LoopConfig mirrors fuseloop.Config (kept here so this package compiles
-// without the fallback linked in).
-type LoopConfig struct {
-	Name      string // file name inside Dir
-	Dir       string // private directory where the FUSE file system is mounted
-	ReadOnly  bool
-	BlockSize uint32
-}
-
 // loopFallback is the FUSE file + loop device fallback for kernels
-// without nbd (package fuseloop, wired in by fuseloop_adapter.go).
+// without nbd (package fuseloop). It is an interface so tests can turn the
+// fallback off (a nil Manager.loop).
 type loopFallback interface {
 	// Available is nil when /dev/fuse and /dev/loop-control are usable.
 	Available() error
-	Attach(ctx context.Context, dev backends.Device, cfg LoopConfig) (loopAttachment, error)
+	Attach(ctx context.Context, dev backends.Device, cfg fuseloop.Config) (loopAttachment, error)
 	// CleanupStale detaches loops and unmounts FUSE file systems left
 	// under dir by a process that died.
 	CleanupStale(dir string) error
 }
 
+// loopAttachment is what the Manager uses of a *fuseloop.Attachment.
 type loopAttachment interface {
 	Path() string
 	Resize(ctx context.Context, size uint64) error
@@ -33,5 +27,19 @@ type loopAttachment interface {
 	Done() <-chan struct{}
 }
 
-// defaultLoopFallback is set by the adapter when fuseloop is linked in.
-var defaultLoopFallback loopFallback
+var _ loopAttachment = (*fuseloop.Attachment)(nil)
+
+// fuseloopAdapter is package fuseloop as a loopFallback.
+type fuseloopAdapter struct{}
+
+func (fuseloopAdapter) Available() error { return fuseloop.Available() }
+
+func (fuseloopAdapter) Attach(ctx context.Context, dev backends.Device, cfg fuseloop.Config) (loopAttachment, error) {
+	a, err := fuseloop.Attach(ctx, dev, cfg)
+	if err != nil {
+		return nil, err // not a typed nil in the interface
+	}
+	return a, nil
+}
+
+func (fuseloopAdapter) CleanupStale(dir string) error { return fuseloop.CleanupStale(dir) }

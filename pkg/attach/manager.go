@@ -26,6 +26,7 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
+	"github.com/csi-nbd/csi-nbd/pkg/attach/fuseloop"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/nbd"
 	"github.com/csi-nbd/csi-nbd/pkg/nbd/netlink"
@@ -188,7 +189,7 @@ func NewManager(stateDir string, env backends.Env) (*Manager, error) {
 		env:        env,
 		st:         st,
 		openKernel: openNetlink,
-		loop:       defaultLoopFallback,
+		loop:       fuseloopAdapter{},
 		vols:       map[string]*volume{},
 		locks:      map[string]*idLock{},
 		kick:       make(chan struct{}, 1),
@@ -244,7 +245,7 @@ func (m *Manager) kernel(ctx context.Context) (kernel, error) {
 
 // chooseKind applies the fallback policy.
 func (m *Manager) chooseKind(ctx context.Context, o Options) (string, error) {
-	loopErr := errors.New("the FUSE+loop fallback is not built into this binary")
+	loopErr := errors.New("the FUSE+loop fallback is disabled")
 	if m.loop != nil {
 		loopErr = m.loop.Available()
 	}
@@ -309,11 +310,7 @@ func (m *Manager) Attach(ctx context.Context, id, spec string, secrets map[strin
 	if err != nil {
 		return "", err
 	}
-	env := m.env
-	if secrets != nil {
-		env.Secrets = secrets
-	}
-	dev, err := m.open(ctx, id, sp, env)
+	dev, err := m.open(ctx, id, sp, secrets)
 	if err != nil {
 		return "", fmt.Errorf("attach: %w", err)
 	}
@@ -335,8 +332,13 @@ func (m *Manager) Attach(ctx context.Context, id, spec string, secrets map[strin
 	return v.rec.Path, nil
 }
 
-// open opens a volume's stack, wrapped by WrapDevice.
-func (m *Manager) open(ctx context.Context, id string, sp backends.Spec, env backends.Env) (backends.Device, error) {
+// open opens a volume's stack with the volume's secrets (when there are
+// any), wrapped by WrapDevice.
+func (m *Manager) open(ctx context.Context, id string, sp backends.Spec, secrets map[string]string) (backends.Device, error) {
+	env := m.env
+	if secrets != nil {
+		env.Secrets = secrets
+	}
 	dev, err := backends.Open(ctx, sp, env)
 	if err != nil || m.WrapDevice == nil {
 		return dev, err
@@ -488,8 +490,22 @@ func (m *Manager) attachNBD(ctx context.Context, v *volume, secrets map[string]s
 	return nil
 }
 
+// fuseDir is where volume id's FUSE file system is mounted.
+func (m *Manager) fuseDir(id string) string {
+	return filepath.Join(m.stateDir, "fuse", fileKey(id))
+}
+
+// cleanupLoop detaches and unmounts what a dead process left of volume
+// id's FUSE+loop attachment.
+func (m *Manager) cleanupLoop(id string) error {
+	if m.loop == nil {
+		return nil
+	}
+	return m.loop.CleanupStale(m.fuseDir(id))
+}
+
 func (m *Manager) attachLoop(ctx context.Context, v *volume, secrets map[string]string) error {
-	dir := filepath.Join(m.stateDir, "fuse", fileKey(v.rec.ID))
+	dir := m.fuseDir(v.rec.ID)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("attach: %w", err)
 	}
@@ -497,7 +513,7 @@ func (m *Manager) attachLoop(ctx context.Context, v *volume, secrets map[string]
 	if err != nil {
 		return fmt.Errorf("attach: %w", err)
 	}
-	a, err := m.loop.Attach(ctx, v.dev, LoopConfig{Name: "volume", Dir: dir, ReadOnly: v.rec.Options.ReadOnly, BlockSize: uint32(bs)})
+	a, err := m.loop.Attach(ctx, v.dev, fuseloop.Config{Name: "volume", Dir: dir, ReadOnly: v.rec.Options.ReadOnly, BlockSize: uint32(bs)})
 	if err != nil {
 		return fmt.Errorf("attach: FUSE+loop fallback: %w", err)
 	}
@@ -642,10 +658,8 @@ func (m *Manager) detachRecorded(ctx context.Context, id string) error {
 			}
 		}
 	case KindFuseLoop:
-		if m.loop != nil {
-			if err := m.loop.CleanupStale(filepath.Join(m.stateDir, "fuse", fileKey(id))); err != nil {
-				return err
-			}
+		if err := m.cleanupLoop(id); err != nil {
+			return err
 		}
 	}
 	return m.st.remove(id)
@@ -679,11 +693,8 @@ func (m *Manager) resumeOne(ctx context.Context, r record) (Volume, error) {
 		return v.info(), nil
 	}
 	if r.Kind == KindFuseLoop {
-		var err error
-		if m.loop != nil {
-			err = m.loop.CleanupStale(filepath.Join(m.stateDir, "fuse", fileKey(r.ID)))
-		}
-		return Volume{}, errors.Join(errors.New("a FUSE+loop attachment does not survive its server; cleaned up"), err, m.st.remove(r.ID))
+		return Volume{}, errors.Join(errors.New("a FUSE+loop attachment does not survive its server; cleaned up"),
+			m.cleanupLoop(r.ID), m.st.remove(r.ID))
 	}
 	k, err := m.kernel(ctx)
 	if err != nil {
@@ -709,11 +720,7 @@ func (m *Manager) resumeOne(ctx context.Context, r record) (Volume, error) {
 	if err != nil {
 		return Volume{}, err
 	}
-	env := m.env
-	if secrets != nil {
-		env.Secrets = secrets
-	}
-	dev, err := m.open(ctx, r.ID, sp, env)
+	dev, err := m.open(ctx, r.ID, sp, secrets)
 	if err != nil {
 		return Volume{}, err
 	}

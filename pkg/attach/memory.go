@@ -41,11 +41,3 @@ func LockMemory() error {
 	}
 	return nil
 }
-
-// ioFlusherThreads counts how many of the process's threads carry
-// PF_MEMALLOC_NOIO (the flag PR_SET_IO_FLUSHER sets), for tests.
-func ioFlusherThreads() (marked, total int, err error) {
-	return countTaskFlag(pfMemallocNoIO)
-}
-
-const pfMemallocNoIO = 0x00080000 // include/linux/sched.h

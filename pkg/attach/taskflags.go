@@ -42,6 +42,10 @@ func countTaskFlag(flag uint64) (marked, total int, err error) {
 	return marked, total, nil
 }
 
+// pfMemallocNoIO is the thread flag PR_SET_IO_FLUSHER sets
+// (PF_MEMALLOC_NOIO, include/linux/sched.h).
+const pfMemallocNoIO = 0x00080000
+
 // IOFlusherThreads reports how many of this process's threads are marked
 // by SetIOFlusher, and how many there are.
-func IOFlusherThreads() (marked, total int, err error) { return ioFlusherThreads() }
+func IOFlusherThreads() (marked, total int, err error) { return countTaskFlag(pfMemallocNoIO) }
