@@ -39,6 +39,19 @@ func (d *Device) ReadAt(_ context.Context, p []byte, off uint64) error {
 	if !d.direct || isAligned(p, off) {
 		return d.pread(p, off)
 	}
+	return bounce(p, off, func(b []byte, a, skip uint64, q []byte) error {
+		if err := d.pread(b, a); err != nil {
+			return err
+		}
+		copy(q, b[skip:])
+		return nil
+	})
+}
+
+// bounce runs an unaligned O_DIRECT transfer of p at off through a pooled
+// aligned buffer, a piece at a time: fn gets b (whole blocks from the
+// aligned offset a) and q, the part of p that lies at a+skip in it.
+func bounce(p []byte, off uint64, fn func(b []byte, a, skip uint64, q []byte) error) error {
 	bp := bouncePool.Get().(*[]byte)
 	defer bouncePool.Put(bp)
 	b := *bp
@@ -47,10 +60,9 @@ func (d *Device) ReadAt(_ context.Context, p []byte, off uint64) error {
 		skip := off - a
 		n := min(uint64(len(p)), bounceSize-skip)
 		span := (skip + n + align - 1) &^ (align - 1)
-		if err := d.pread(b[:span], a); err != nil {
+		if err := fn(b[:span], a, skip, p[:n]); err != nil {
 			return err
 		}
-		copy(p[:n], b[skip:])
 		p, off = p[n:], off+n
 	}
 	return nil
@@ -86,20 +98,9 @@ func (d *Device) WriteAt(_ context.Context, p []byte, off uint64, fua bool) erro
 	if !d.direct || isAligned(p, off) {
 		return d.pwrite(p, off, fua)
 	}
-	bp := bouncePool.Get().(*[]byte)
-	defer bouncePool.Put(bp)
-	b := *bp
-	for len(p) > 0 {
-		a := off &^ (align - 1)
-		skip := off - a
-		n := min(uint64(len(p)), bounceSize-skip)
-		span := (skip + n + align - 1) &^ (align - 1)
-		if err := d.rmw(b[:span], a, skip, p[:n], fua); err != nil {
-			return err
-		}
-		p, off = p[n:], off+n
-	}
-	return nil
+	return bounce(p, off, func(b []byte, a, skip uint64, q []byte) error {
+		return d.rmw(b, a, skip, q, fua)
+	})
 }
 
 // rmw writes data at a+skip through the aligned buffer b (len(b) blocks

@@ -191,12 +191,8 @@ func (d *Device) probeGet(ctx context.Context) (*http.Response, error) {
 		discard(resp)
 		wait := max(retryAfter(resp.Header.Get("Retry-After")), backoff(attempt))
 		klog.V(2).InfoS("Retrying origin probe", "url", d.shown, "status", resp.StatusCode, "attempt", attempt+1, "wait", wait)
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !sleep(ctx, wait) {
 			return nil, ctx.Err()
-		case <-t.C:
 		}
 	}
 }
@@ -367,13 +363,21 @@ func (d *Device) read(ctx context.Context, p []byte, off uint64) error {
 		wait = max(wait, backoff(attempt))
 		klog.V(2).InfoS("Retrying origin read", "url", d.shown, "offset", off, "length", len(p),
 			"attempt", attempt+1, "wait", wait, "err", err)
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !sleep(ctx, wait) {
 			return fail(err)
-		case <-t.C:
 		}
+	}
+}
+
+// sleep waits for d or ctx's end; it reports whether the full time passed.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
 	}
 }
 

@@ -219,10 +219,7 @@ func (d *Device) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) er
 	if d.caps.ReadOnly {
 		return backends.ErrReadOnly
 	}
-	var flags uint16
-	if fua && d.caps.FUA {
-		flags = nbd.CmdFlagFUA
-	}
+	flags := d.fuaFlag(fua)
 	err := d.do(ctx, "write", func(ctx context.Context, c *nbd.Client) error {
 		return c.WriteAt(ctx, p, off, flags)
 	})

@@ -212,7 +212,7 @@ type piece struct {
 }
 
 func (d *Device) pieces(off, n uint64) []piece {
-	var ps []piece
+	ps := make([]piece, 0, (off%d.chunk+n+d.chunk-1)/d.chunk)
 	for at := uint64(0); at < n; {
 		o := off + at
 		in := o % d.chunk
