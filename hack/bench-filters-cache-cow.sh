@@ -33,10 +33,7 @@ done
 [ -e /usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-curl-plugin.so ] || nbdkit curl --dump-plugin >/dev/null 2>&1 ||
   { echo "missing nbdkit's curl plugin" >&2; exit 1; }
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+. hack/lib-bench.sh   # $work and $pids, cleaned up on exit; median, ratio, table helpers
 
 go build -o "$work/csi-nbd" ./cmd/csi-nbd
 go test -c -o "$work/cachetest" ./pkg/backends/cache
@@ -116,9 +113,6 @@ PY
 }
 # Read the whole volume once (fio reads holes too, unlike nbdcopy).
 warm() { fio --name=w --ioengine=nbd --uri="$1" --rw=read --bs=1M --iodepth=8 --size="${MIB}M" >/dev/null 2>&1; }
-
-median() { python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
-ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}x' if b else 'n/a')" "$1" "$2"; }
 
 declare -A C K
 measure() { # key side stack round rw bs depth

@@ -28,10 +28,7 @@ for t in nbdkit fio nbdinfo python3 go; do
   command -v "$t" >/dev/null || { echo "missing $t (run hack/deps.sh)" >&2; exit 1; }
 done
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+. hack/lib-bench.sh   # $work and $pids, cleaned up on exit; median, ratio, table helpers
 
 go build -o "$work/csi-nbd" ./cmd/csi-nbd
 

@@ -31,10 +31,7 @@ done
 $PY -c 'import boto3' || { echo "missing python3-boto3 (run hack/deps.sh)" >&2; exit 1; }
 nbdkit S3 --dump-plugin >/dev/null 2>&1 || { echo "nbdkit's S3 plugin does not load (nbdkit-plugin-python)" >&2; exit 1; }
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+. hack/lib-bench.sh   # $work and $pids, cleaned up on exit; median, ratio, table helpers
 # KEEP=1 leaves the logs for a look.
 [ -z "${KEEP:-}" ] || trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; echo "logs in $work" >&2' EXIT
 
@@ -90,9 +87,6 @@ read_() { rate "$(timed nbdcopy --connections="$CONNS" --threads="$CONNS" "$1" n
 check() { # uri: what was written reads back
   nbdcopy "$1" "$work/back" && cmp -s "$work/data" "$work/back" || { echo "data read back from $1 differs" >&2; return 1; }
 }
-
-median() { $PY -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
-ratio() { $PY -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}x' if b else 'n/a')" "$1" "$2"; }
 
 declare -a ow or kw kr bw br
 for r in $(seq "$ROUNDS"); do

@@ -20,10 +20,7 @@ for t in nbdkit nbdcopy fio python3; do
   command -v "$t" >/dev/null || { echo "missing $t (run hack/deps.sh)" >&2; exit 1; }
 done
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+. hack/lib-bench.sh   # $work and $pids, cleaned up on exit; median, ratio, table helpers
 
 go build -o "$work/csi-nbd" ./cmd/csi-nbd
 head -c "${MIB}M" /dev/urandom > "$work/data"   # what the copies write
@@ -76,21 +73,7 @@ print(round(d["iops"]), round(d["bw_bytes"] / 1e6, 1), round(p["50.000000"] / 1e
 PY
 }
 
-median() { python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
-ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}x' if b else 'n/a')" "$1" "$2"; }
-
-printf '%-44s %12s %12s %8s\n' "figure (median of $ROUNDS)" csi-nbd nbdkit ratio
-row() { # name csi-values... -- kit-values...
-  local name=$1; shift
-  local c=() k=() side=c
-  for v in "$@"; do
-    if [ "$v" = -- ]; then side=k; continue; fi
-    if [ $side = c ]; then c+=("$v"); else k+=("$v"); fi
-  done
-  local cm km
-  cm=$(median "${c[@]}"); km=$(median "${k[@]}")
-  printf '%-44s %12s %12s %8s\n' "$name" "$cm" "$km" "$(ratio "$cm" "$km")"
-}
+table_header 44
 
 for tr in $TRANSPORTS; do
   for conns in 1 4; do

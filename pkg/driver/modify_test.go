@@ -8,34 +8,8 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 
-	"github.com/csi-nbd/csi-nbd/pkg/backends"
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/rate" // the rate filter, whose keys the specs below use
 )
-
-// The rate filter (pkg/backends/rate, linked through backends/all) may not
-// be in this tree yet: stand in for its options so specs with rate keys
-// parse. The stand-in is never opened.
-func init() {
-	for _, f := range backends.Filters() {
-		if f.Name == "rate" {
-			return
-		}
-	}
-	backends.RegisterFilter(backends.Filter{
-		Name: "rate", Order: 40,
-		Options: []backends.Option{
-			{Key: "rate", Kind: backends.OptBool},
-			{Key: "rate-read", Kind: backends.OptSize},
-			{Key: "rate-write", Kind: backends.OptSize},
-			{Key: "iops-read", Kind: backends.OptInt},
-			{Key: "iops-write", Kind: backends.OptInt},
-			{Key: "rate-burst", Kind: backends.OptDuration},
-		},
-		Enabled: func(s backends.Spec) bool { return false },
-		Wrap: func(_ context.Context, _ backends.Spec, _ backends.Env, inner backends.Device) (backends.Device, error) {
-			return inner, nil
-		},
-	})
-}
 
 func TestControllerModifyVolume(t *testing.T) {
 	ctx := context.Background()

@@ -3,9 +3,7 @@ package kube_test
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -16,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/csi-nbd/csi-nbd/internal/kubetest"
+	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/rate"
 	"github.com/csi-nbd/csi-nbd/pkg/kube"
@@ -45,13 +44,6 @@ func (s *rateSetter) SetLimits(id string, l limits.Limits) error {
 	s.applied <- time.Now()
 	return nil
 }
-
-type oneExport struct{ dev backends.Device }
-
-func (e oneExport) Open(context.Context, string) (*nbd.Export, func(), error) {
-	return &nbd.Export{Device: e.dev}, func() {}, nil
-}
-func (e oneExport) List(context.Context) []nbd.ExportInfo { return nil }
 
 // sample is the bytes read by a moment.
 type sample struct {
@@ -102,22 +94,8 @@ func TestMeasureLiveLimits(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	server, err := nbd.NewServer(nbd.ServerConfig{Exports: oneExport{dev}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go server.Serve(ctx, ln)
-	defer func() {
-		sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer scancel()
-		_ = server.Shutdown(sctx)
-		_ = dev.Close()
-	}()
+	t.Cleanup(func() { _ = dev.Close() }) // after the server below has stopped
+	sock := testserver.ServeNBD(t, dev)
 
 	setter := &rateSetter{devs: map[string]backends.Device{volumeID: dev}, applied: make(chan time.Time, 4)}
 	w := kube.New(cs, "node-1", driver, setter)

@@ -110,10 +110,13 @@ func New(client kubernetes.Interface, node, driver string, setter LimitSetter) *
 	utilruntime.Must(w.pvs.AddIndexers(cache.Indexers{
 		byHandle: func(obj any) ([]string, error) {
 			pv, ok := obj.(*corev1.PersistentVolume)
-			if !ok || pv.Spec.CSI == nil || pv.Spec.CSI.Driver != w.driver {
+			if !ok {
 				return nil, nil
 			}
-			return []string{pv.Spec.CSI.VolumeHandle}, nil
+			if h, ok := w.handleOf(pv); ok {
+				return []string{h}, nil
+			}
+			return nil, nil
 		},
 		byClaim: func(obj any) ([]string, error) {
 			pv, ok := obj.(*corev1.PersistentVolume)
@@ -135,8 +138,8 @@ func New(client kubernetes.Interface, node, driver string, setter LimitSetter) *
 		workqueue.TypedRateLimitingQueueConfig[string]{Name: "csi-nbd-limits"})
 
 	onPV := func(obj any) {
-		if pv, ok := pvOf(obj); ok && pv.Spec.CSI != nil && pv.Spec.CSI.Driver == w.driver {
-			w.enqueue(pv.Spec.CSI.VolumeHandle)
+		if pv, ok := pvOf(obj); ok {
+			w.enqueuePV(pv)
 		}
 	}
 	_, _ = w.pvs.AddEventHandler(cache.ResourceEventHandlerFuncs{
@@ -176,6 +179,21 @@ func pvOf(obj any) (*corev1.PersistentVolume, bool) {
 	return pv, ok
 }
 
+// handleOf is a PV's volume handle if the PV is the watched driver's.
+func (w *Watcher) handleOf(pv *corev1.PersistentVolume) (string, bool) {
+	if pv.Spec.CSI == nil || pv.Spec.CSI.Driver != w.driver {
+		return "", false
+	}
+	return pv.Spec.CSI.VolumeHandle, true
+}
+
+// enqueuePV queues a PV's volume if it is the driver's and tracked here.
+func (w *Watcher) enqueuePV(pv *corev1.PersistentVolume) {
+	if h, ok := w.handleOf(pv); ok {
+		w.enqueue(h)
+	}
+}
+
 // enqueue queues a volume if it is tracked here.
 func (w *Watcher) enqueue(volumeID string) {
 	w.mu.Lock()
@@ -193,8 +211,8 @@ func (w *Watcher) enqueueIndexed(index, key string) {
 		return
 	}
 	for _, o := range objs {
-		if pv, ok := o.(*corev1.PersistentVolume); ok && pv.Spec.CSI != nil && pv.Spec.CSI.Driver == w.driver {
-			w.enqueue(pv.Spec.CSI.VolumeHandle)
+		if pv, ok := o.(*corev1.PersistentVolume); ok {
+			w.enqueuePV(pv)
 		}
 	}
 }

@@ -24,31 +24,6 @@ import (
 	"github.com/csi-nbd/csi-nbd/pkg/limits"
 )
 
-// The rate filter may not be linked in this tree: stand in for its options
-// so that specs with rate keys parse (the stand-in is never opened).
-func init() {
-	for _, f := range backends.Filters() {
-		if f.Name == "rate" {
-			return
-		}
-	}
-	backends.RegisterFilter(backends.Filter{
-		Name: "rate", Order: 40,
-		Options: []backends.Option{
-			{Key: "rate", Kind: backends.OptBool},
-			{Key: "rate-read", Kind: backends.OptSize},
-			{Key: "rate-write", Kind: backends.OptSize},
-			{Key: "iops-read", Kind: backends.OptInt},
-			{Key: "iops-write", Kind: backends.OptInt},
-			{Key: "rate-burst", Kind: backends.OptDuration},
-		},
-		Enabled: func(backends.Spec) bool { return false },
-		Wrap: func(_ context.Context, _ backends.Spec, _ backends.Env, inner backends.Device) (backends.Device, error) {
-			return inner, nil
-		},
-	})
-}
-
 const driver = "csi-nbd.io"
 
 // recorder is a LimitSetter remembering every call.
