@@ -18,13 +18,11 @@ package httpdev
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/url"
-	"os"
 	"strings"
 	"time"
 
@@ -187,16 +185,9 @@ func open(ctx context.Context, s backends.Spec, env backends.Env) (backends.Devi
 	}
 	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS12}
 	if c.ca != "" {
-		pem, err := os.ReadFile(c.ca)
+		pool, err := backends.SystemCertPoolWith(c.ca)
 		if err != nil {
 			return nil, fmt.Errorf("option %q: %w", optCA, err)
-		}
-		pool, err := x509.SystemCertPool()
-		if err != nil {
-			pool = x509.NewCertPool()
-		}
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("option %q: no PEM certificate in %s", optCA, c.ca)
 		}
 		tlsCfg.RootCAs = pool
 	}

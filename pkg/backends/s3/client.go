@@ -10,7 +10,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"strings"
 	"syscall"
 	"time"
@@ -43,15 +42,9 @@ type bucket struct {
 func newBucket(ctx context.Context, c *config, env backends.Env) (*bucket, error) {
 	var roots *x509.CertPool
 	if c.ca != "" {
-		pem, err := os.ReadFile(c.ca)
-		if err != nil {
+		var err error
+		if roots, err = backends.SystemCertPoolWith(c.ca); err != nil {
 			return nil, fmt.Errorf("s3: option %q: %w", "ca", err)
-		}
-		if roots, err = x509.SystemCertPool(); err != nil {
-			roots = x509.NewCertPool()
-		}
-		if !roots.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("s3: option %q: no PEM certificates in %s", "ca", c.ca)
 		}
 	}
 	httpClient := awshttp.NewBuildableClient().WithTransportOptions(func(t *http.Transport) {
