@@ -508,12 +508,7 @@ func (c *serverConn) validate(r *request) (uint32, string) {
 	if r.length == 0 {
 		return EINVAL, "zero-length request"
 	}
-	if r.off > c.size || uint64(r.length) > c.size-r.off {
-		// The device may have grown since we looked (volume expansion
-		// under a kernel attach, which has no handshake to redo).
-		c.size = c.dev.Size()
-	}
-	if r.off > c.size || uint64(r.length) > c.size-r.off {
+	if !c.inExport(r.off, r.length) {
 		if r.typ == CmdWrite || r.typ == CmdWriteZeroes {
 			return ENOSPC, "request beyond the end of the export"
 		}
@@ -541,6 +536,18 @@ func (c *serverConn) validate(r *request) (uint32, string) {
 		return EINVAL, "block status without a negotiated meta context"
 	}
 	return 0, ""
+}
+
+// inExport reports whether [off, off+length) lies within the export. Only
+// a request past the size last seen asks the device again: it may have
+// grown since (volume expansion under a kernel attach, which has no
+// handshake to redo).
+func (c *serverConn) inExport(off uint64, length uint32) bool {
+	if off <= c.size && uint64(length) <= c.size-off {
+		return true
+	}
+	c.size = c.dev.Size()
+	return off <= c.size && uint64(length) <= c.size-off
 }
 
 func (c *serverConn) dispatch(r *request) {
