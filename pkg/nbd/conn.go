@@ -312,10 +312,7 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 					requestPool.Put(r)
 					return fmt.Errorf("write of %d bytes is far over the limit: closing the connection", r.length)
 				}
-				if c.inline && c.br.Buffered() < int(r.length) {
-					c.out.flush()
-				}
-				if _, err := io.CopyN(io.Discard, c.br, int64(r.length)); err != nil {
+				if err := c.skipPayload(r.length); err != nil {
 					requestPool.Put(r)
 					return err
 				}
@@ -334,9 +331,7 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 					return err
 				}
 				r.buf = getBuf(int(r.length))
-				if c.inline && c.br.Buffered() < int(r.length) {
-					c.out.flush()
-				}
+				c.flushBeforeWait(r.length)
 				if _, err := io.ReadFull(c.br, *r.buf); err != nil {
 					c.mem.Release(r.weight)
 					putBuf(r.buf)
@@ -390,18 +385,13 @@ func (c *serverConn) writeInPlace(r *request) error {
 	defer putVec(vec)
 	var err error
 	if *vec, err = c.wlender.BorrowWrite(r.off, uint64(r.length), (*vec)[:0]); err != nil {
-		if c.br.Buffered() < int(r.length) {
-			c.out.flush()
-		}
-		if _, err := io.CopyN(io.Discard, c.br, int64(r.length)); err != nil {
+		if err := c.skipPayload(r.length); err != nil {
 			return err
 		}
 		c.replyDeviceError(r, err)
 		return nil
 	}
-	if c.br.Buffered() < int(r.length) {
-		c.out.flush() // about to wait for the client: answer first
-	}
+	c.flushBeforeWait(r.length)
 	for _, b := range *vec {
 		if err = c.readPayload(b); err != nil {
 			break
@@ -411,16 +401,24 @@ func (c *serverConn) writeInPlace(r *request) error {
 	if err != nil {
 		return err
 	}
-	if r.flags&CmdFlagFUA != 0 && !c.caps.FUA {
-		if err := c.dev.Flush(c.ctx); err != nil {
-			c.replyDeviceError(r, err)
-			return nil
-		}
-	}
-	var m outMsg
-	m.simple(r.cookie, 0)
-	c.reply(r, &m)
+	c.finish(r, r.flags&CmdFlagFUA != 0, nil)
 	return nil
+}
+
+// flushBeforeWait sends the replies the inline path holds back if reading
+// n more bytes may wait for the client: answer first.
+func (c *serverConn) flushBeforeWait(n uint32) {
+	if c.inline && c.br.Buffered() < int(n) {
+		c.out.flush()
+	}
+}
+
+// skipPayload discards a WRITE payload that will not be written, keeping
+// the stream in step.
+func (c *serverConn) skipPayload(n uint32) error {
+	c.flushBeforeWait(n)
+	_, err := io.CopyN(io.Discard, c.br, int64(n))
+	return err
 }
 
 // directReadMin is the smallest read that bypasses the buffered reader
@@ -510,12 +508,7 @@ func (c *serverConn) validate(r *request) (uint32, string) {
 	if r.length == 0 {
 		return EINVAL, "zero-length request"
 	}
-	if r.off > c.size || uint64(r.length) > c.size-r.off {
-		// The device may have grown since we looked (volume expansion
-		// under a kernel attach, which has no handshake to redo).
-		c.size = c.dev.Size()
-	}
-	if r.off > c.size || uint64(r.length) > c.size-r.off {
+	if !c.inExport(r.off, r.length) {
 		if r.typ == CmdWrite || r.typ == CmdWriteZeroes {
 			return ENOSPC, "request beyond the end of the export"
 		}
@@ -543,6 +536,18 @@ func (c *serverConn) validate(r *request) (uint32, string) {
 		return EINVAL, "block status without a negotiated meta context"
 	}
 	return 0, ""
+}
+
+// inExport reports whether [off, off+length) lies within the export. Only
+// a request past the size last seen asks the device again: it may have
+// grown since (volume expansion under a kernel attach, which has no
+// handshake to redo).
+func (c *serverConn) inExport(off uint64, length uint32) bool {
+	if off <= c.size && uint64(length) <= c.size-off {
+		return true
+	}
+	c.size = c.dev.Size()
+	return off <= c.size && uint64(length) <= c.size-off
 }
 
 func (c *serverConn) dispatch(r *request) {
@@ -637,10 +642,17 @@ func (c *serverConn) handle(r *request) {
 		c.blockStatus(r)
 		return
 	}
+	c.finish(r, fua, err)
+}
+
+// finish replies to a request the device has run with err, first making
+// it durable with a flush if the client asked for FUA and the device
+// cannot do it itself.
+func (c *serverConn) finish(r *request, fua bool, err error) {
 	if err == nil && fua && !c.caps.FUA {
 		// Emulated FUA: the device has no cheaper way to make one
 		// write durable.
-		err = c.dev.Flush(ctx)
+		err = c.dev.Flush(c.ctx)
 	}
 	if err != nil {
 		c.replyDeviceError(r, err)
