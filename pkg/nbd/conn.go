@@ -379,10 +379,24 @@ type writeLender interface {
 // writeInPlace serves a validated WRITE on the reader by reading its
 // payload into the device's own memory. Only a broken stream is returned;
 // the device's refusal is replied.
-func (c *serverConn) writeInPlace(r *request) error {
+func (c *serverConn) writeInPlace(r *request) (rerr error) {
 	r.inline = true
 	vec := getVec()
 	defer putVec(vec)
+	payloadRead := false
+	defer func() {
+		// A panicking device becomes an EIO reply here too, as in
+		// handle; the payload is skipped if it was not read yet.
+		if p := recover(); p != nil {
+			c.logPanic(r, p)
+			if !payloadRead {
+				if rerr = c.skipPayload(r.length); rerr != nil {
+					return
+				}
+			}
+			c.replyError(r, EIO, "internal server error")
+		}
+	}()
 	var err error
 	if *vec, err = c.wlender.BorrowWrite(r.off, uint64(r.length), (*vec)[:0]); err != nil {
 		if err := c.skipPayload(r.length); err != nil {
@@ -397,6 +411,7 @@ func (c *serverConn) writeInPlace(r *request) error {
 			break
 		}
 	}
+	payloadRead = true
 	c.wlender.CommitWrite(r.off, uint64(r.length))
 	if err != nil {
 		return err
@@ -593,7 +608,7 @@ func (c *serverConn) worker() {
 func (c *serverConn) handle(r *request) {
 	defer func() {
 		if p := recover(); p != nil {
-			logConn(c).Error(fmt.Errorf("panic: %v", p), "Device panicked", "command", clientCmdName(uint32(r.typ)), "stack", string(debug.Stack()))
+			c.logPanic(r, p)
 			if r.buf != nil {
 				putBuf(r.buf)
 				r.buf = nil
@@ -648,6 +663,11 @@ func (c *serverConn) handle(r *request) {
 // finish replies to a request the device has run with err, first making
 // it durable with a flush if the client asked for FUA and the device
 // cannot do it itself.
+// logPanic records a device panic while handling r.
+func (c *serverConn) logPanic(r *request, p any) {
+	logConn(c).Error(fmt.Errorf("panic: %v", p), "Device panicked", "command", clientCmdName(uint32(r.typ)), "stack", string(debug.Stack()))
+}
+
 func (c *serverConn) finish(r *request, fua bool, err error) {
 	if err == nil && fua && !c.caps.FUA {
 		// Emulated FUA: the device has no cheaper way to make one

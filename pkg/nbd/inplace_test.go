@@ -7,7 +7,9 @@ import (
 	"encoding/binary"
 	"io"
 	"math/rand/v2"
+	"net"
 	"testing"
+	"time"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/memory"
@@ -129,5 +131,51 @@ func TestWriteInPlace(t *testing.T) {
 	}
 	if holes < 3*65536 {
 		t.Errorf("zeros written over whole pages left %d bytes of holes, want at least 3 pages", holes)
+	}
+}
+
+// panickyLender is a memory device whose write-in-place calls panic.
+type panickyLender struct {
+	*memory.Device
+	inBorrow bool // panic in BorrowWrite (payload unread), else in CommitWrite
+}
+
+func (p panickyLender) BorrowWrite(off, length uint64, dst [][]byte) ([][]byte, error) {
+	if p.inBorrow {
+		panic("borrow")
+	}
+	return p.Device.BorrowWrite(off, length, dst)
+}
+
+func (p panickyLender) CommitWrite(off, length uint64) {
+	p.Device.CommitWrite(off, length)
+	if !p.inBorrow {
+		panic("commit")
+	}
+}
+
+// A device panicking on the write-in-place path gets an EIO reply and the
+// connection stays in step, as on every other path (no dead process under
+// a kernel attach).
+func TestWriteInPlacePanics(t *testing.T) {
+	for _, inBorrow := range []bool{true, false} {
+		dev := panickyLender{Device: memory.New(1 << 20), inBorrow: inBorrow}
+		srv, err := NewServer(ServerConfig{Exports: staticExports{}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, b := net.Pipe()
+		go srv.ServeTransmission(context.Background(), b, &Export{Device: dev})
+		r := &rawConn{t: t, c: a, br: bufio.NewReader(a), readLens: map[uint64]uint32{}}
+		_ = a.SetDeadline(time.Now().Add(rawGuard))
+		r.send(0, CmdWrite, 7, 4096, 8192, rawPattern(8192, 1))
+		if rep := r.readReply(); rep.cookie != 7 || rep.errno != EIO {
+			t.Fatalf("inBorrow=%v: reply %+v; want EIO for cookie 7", inBorrow, rep)
+		}
+		if got := r.readData(0, 512); !bytes.Equal(got, make([]byte, 512)) {
+			t.Fatalf("inBorrow=%v: read after the panic differs", inBorrow)
+		}
+		a.Close()
+		srv.Shutdown(context.Background())
 	}
 }
