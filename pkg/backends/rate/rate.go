@@ -211,26 +211,12 @@ func ParseLimits(s backends.Spec) (Limits, error) {
 }
 
 // Unwrapper is implemented by filters, returning the device they wrap, so
-// that Find can look through a stack. Every filter should implement it.
-type Unwrapper interface {
-	Unwrap() backends.Device
-}
+// that Find can look through a stack.
+type Unwrapper = backends.Unwrapper
 
 // Find returns the rate filter in an opened stack: dev itself or the first
 // one found by unwrapping filters that implement Unwrapper.
-func Find(dev backends.Device) (*Device, bool) {
-	for dev != nil {
-		if d, ok := dev.(*Device); ok {
-			return d, true
-		}
-		u, ok := dev.(Unwrapper)
-		if !ok {
-			return nil, false
-		}
-		dev = u.Unwrap()
-	}
-	return nil, false
-}
+func Find(dev backends.Device) (*Device, bool) { return backends.Find[*Device](dev) }
 
 // Stats are the filter's running totals since open. Bytes and operations
 // count requests that completed successfully; throttled times add up how
