@@ -32,6 +32,7 @@ import (
 	"time"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
+	"github.com/csi-nbd/csi-nbd/pkg/backends/rate"
 )
 
 // Parameter keys (StorageClass, VolumeAttributesClass).
@@ -57,19 +58,19 @@ const (
 // Spec option keys of the rate filter (pkg/backends/rate), which the
 // driver sets from the StorageClass parameters above.
 const (
-	OptReadBytes  = "rate-read"
-	OptWriteBytes = "rate-write"
-	OptReadIOPS   = "iops-read"
-	OptWriteIOPS  = "iops-write"
-	OptBurst      = "rate-burst"
+	OptReadBytes  = rate.KeyReadRate
+	OptWriteBytes = rate.KeyWriteRate
+	OptReadIOPS   = rate.KeyReadIOPS
+	OptWriteIOPS  = rate.KeyWriteIOPS
+	OptBurst      = rate.KeyBurst
 )
 
-// Bounds, the same as the rate filter's: beyond them a value is surely a
-// typo, and the filter would refuse it.
+// Bounds, the rate filter's: beyond them a value is surely a typo, and the
+// filter would refuse it.
 const (
-	MaxBytesPerSec = 1 << 40 // 1 TiB/s
-	MaxIOPS        = 1 << 30
-	MaxBurst       = time.Minute
+	MaxBytesPerSec = rate.MaxBytesPerSec
+	MaxIOPS        = rate.MaxIOPS
+	MaxBurst       = rate.MaxBurst
 )
 
 // Limits are a volume's rate limits. Zero means unlimited; a zero Burst
