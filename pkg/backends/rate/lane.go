@@ -321,8 +321,11 @@ func (l *lane) take(now time.Time, w *waiter) time.Duration {
 	if d > 0 {
 		return d
 	}
-	if needOp && !l.ops.AllowN(now, 1) {
-		return time.Microsecond // rounding; look again very soon
+	if needOp {
+		if !l.ops.AllowN(now, 1) {
+			return time.Microsecond // rounding; look again very soon
+		}
+		w.op = false // taken: not again if the bytes are short
 	}
 	if nb > 0 && !l.bytes.AllowN(now, int(nb)) {
 		return time.Microsecond
