@@ -101,19 +101,8 @@ func init() {
 // nothing for us, so readahead into it would gain nothing.
 func cacheBelow(s backends.Spec) bool {
 	for _, f := range backends.Filters() {
-		if f.Order >= order {
-			continue
-		}
-		if f.Enabled != nil {
-			if f.Enabled(s) {
-				return true
-			}
-			continue
-		}
-		for _, o := range f.Options {
-			if _, ok := s.Options[o.Key]; ok {
-				return true
-			}
+		if f.Order < order && f.On(s) {
+			return true
 		}
 	}
 	return false
