@@ -73,35 +73,9 @@ const (
 	MaxBurst       = rate.MaxBurst
 )
 
-// Limits are a volume's rate limits. Zero means unlimited; a zero Burst
-// means the rate filter's default.
-type Limits struct {
-	ReadBytesPerSec  int64
-	WriteBytesPerSec int64
-	ReadIOPS         int64
-	WriteIOPS        int64
-	Burst            time.Duration
-}
-
-// String is for events and logs: "read 10Mi/s, write unlimited, …".
-func (l Limits) String() string {
-	rate := func(n int64, unit string) string {
-		if n == 0 {
-			return "unlimited"
-		}
-		if unit == "B" {
-			return backends.FormatSize(uint64(n)) + "/s"
-		}
-		return strconv.FormatInt(n, 10) + "/s"
-	}
-	burst := "default"
-	if l.Burst != 0 {
-		burst = l.Burst.String()
-	}
-	return fmt.Sprintf("read %s, write %s, read IOPS %s, write IOPS %s, burst %s",
-		rate(l.ReadBytesPerSec, "B"), rate(l.WriteBytesPerSec, "B"),
-		rate(l.ReadIOPS, ""), rate(l.WriteIOPS, ""), burst)
-}
+// Limits are a volume's rate limits, the rate filter's own type. Zero
+// means unlimited; a zero Burst means the rate filter's default.
+type Limits = rate.Limits
 
 // Fields is a set of limits, by bit.
 type Fields uint8

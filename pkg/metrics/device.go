@@ -10,7 +10,6 @@ import (
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/rate"
-	"github.com/csi-nbd/csi-nbd/pkg/limits"
 )
 
 // opMetrics are one operation's series of one volume, looked up once at
@@ -60,7 +59,7 @@ func (m *Metrics) Wrap(dev backends.Device, labels VolumeLabels) backends.Device
 	// A stack with the rate filter reports its limits and throttled time
 	// by itself.
 	if r, ok := rate.Find(dev); ok {
-		m.SetLimits(labels, limits.Limits(r.Limits()))
+		m.SetLimits(labels, r.Limits())
 		m.SetThrottleStats(labels, rateThrottle{r})
 	}
 	if c, ok := findCache(dev); ok {

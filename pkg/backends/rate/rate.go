@@ -34,6 +34,7 @@ package rate
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -148,6 +149,26 @@ func (l Limits) Check() error {
 		return fmt.Errorf("rate: Burst %v is not between 0 and %v: %w", l.Burst, MaxBurst, backends.ErrInvalid)
 	}
 	return nil
+}
+
+// String is for events and logs: "read 10Mi/s, write unlimited, …".
+func (l Limits) String() string {
+	perSec := func(n int64, unit string) string {
+		if n == 0 {
+			return "unlimited"
+		}
+		if unit == "B" {
+			return backends.FormatSize(uint64(n)) + "/s"
+		}
+		return strconv.FormatInt(n, 10) + "/s"
+	}
+	burst := "default"
+	if l.Burst != 0 {
+		burst = l.Burst.String()
+	}
+	return fmt.Sprintf("read %s, write %s, read IOPS %s, write IOPS %s, burst %s",
+		perSec(l.ReadBytesPerSec, "B"), perSec(l.WriteBytesPerSec, "B"),
+		perSec(l.ReadIOPS, ""), perSec(l.WriteIOPS, ""), burst)
 }
 
 // Unlimited reports whether no limit is set.
