@@ -226,8 +226,11 @@ func (d *Device) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	}
 	d.mu.Lock()
 	d.observe(off, uint64(len(p)))
+	// With no window buffers (random reads, or readahead into the cache
+	// below), the read goes down without locking again to look for one.
+	direct := d.useCache || len(d.segs) == 0
 	d.mu.Unlock()
-	if d.useCache {
+	if direct {
 		return d.inner.ReadAt(ctx, p, off)
 	}
 	return d.readWindow(ctx, p, off)
