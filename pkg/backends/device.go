@@ -136,3 +136,26 @@ func Resize(ctx context.Context, dev Device, size uint64) error {
 	}
 	return r.Resize(ctx, size)
 }
+
+// Unwrapper is implemented by filters, returning the device they wrap, so
+// that Find can look through a stack. Every filter should implement it.
+type Unwrapper interface {
+	Unwrap() Device
+}
+
+// Find returns the first device of type T in an opened stack: dev itself
+// or one found by unwrapping filters that implement Unwrapper.
+func Find[T Device](dev Device) (T, bool) {
+	for dev != nil {
+		if d, ok := dev.(T); ok {
+			return d, true
+		}
+		u, ok := dev.(Unwrapper)
+		if !ok {
+			break
+		}
+		dev = u.Unwrap()
+	}
+	var zero T
+	return zero, false
+}

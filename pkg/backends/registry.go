@@ -290,7 +290,7 @@ func Open(ctx context.Context, s Spec, env Env) (Device, error) {
 		return nil, fmt.Errorf("open %s: %w", quote(s.Redacted()), err)
 	}
 	for _, f := range filters() {
-		if !f.enabled(s) {
+		if !f.On(s) {
 			continue
 		}
 		w, err := f.Wrap(ctx, s, env, dev)
@@ -303,7 +303,9 @@ func Open(ctx context.Context, s Spec, env Env) (Device, error) {
 	return dev, nil
 }
 
-func (f *Filter) enabled(s Spec) bool {
+// On reports whether spec s turns the filter on: by Enabled, or else by
+// naming any of its options.
+func (f *Filter) On(s Spec) bool {
 	if f.Enabled != nil {
 		return f.Enabled(s)
 	}

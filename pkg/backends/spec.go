@@ -79,7 +79,7 @@ func Parse(s string) (Spec, error) {
 		}
 	}
 	for _, f := range filters() {
-		if f.Validate != nil && f.enabled(sp) {
+		if f.Validate != nil && f.On(sp) {
 			if err := f.Validate(sp); err != nil {
 				return Spec{}, &specError{fmt.Errorf("spec: filter %s: %w", f.Name, err)}
 			}

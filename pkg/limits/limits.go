@@ -32,6 +32,7 @@ import (
 	"time"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
+	"github.com/csi-nbd/csi-nbd/pkg/backends/rate"
 )
 
 // Parameter keys (StorageClass, VolumeAttributesClass).
@@ -57,50 +58,24 @@ const (
 // Spec option keys of the rate filter (pkg/backends/rate), which the
 // driver sets from the StorageClass parameters above.
 const (
-	OptReadBytes  = "rate-read"
-	OptWriteBytes = "rate-write"
-	OptReadIOPS   = "iops-read"
-	OptWriteIOPS  = "iops-write"
-	OptBurst      = "rate-burst"
+	OptReadBytes  = rate.KeyReadRate
+	OptWriteBytes = rate.KeyWriteRate
+	OptReadIOPS   = rate.KeyReadIOPS
+	OptWriteIOPS  = rate.KeyWriteIOPS
+	OptBurst      = rate.KeyBurst
 )
 
-// Bounds, the same as the rate filter's: beyond them a value is surely a
-// typo, and the filter would refuse it.
+// Bounds, the rate filter's: beyond them a value is surely a typo, and the
+// filter would refuse it.
 const (
-	MaxBytesPerSec = 1 << 40 // 1 TiB/s
-	MaxIOPS        = 1 << 30
-	MaxBurst       = time.Minute
+	MaxBytesPerSec = rate.MaxBytesPerSec
+	MaxIOPS        = rate.MaxIOPS
+	MaxBurst       = rate.MaxBurst
 )
 
-// Limits are a volume's rate limits. Zero means unlimited; a zero Burst
-// means the rate filter's default.
-type Limits struct {
-	ReadBytesPerSec  int64
-	WriteBytesPerSec int64
-	ReadIOPS         int64
-	WriteIOPS        int64
-	Burst            time.Duration
-}
-
-// String is for events and logs: "read 10Mi/s, write unlimited, …".
-func (l Limits) String() string {
-	rate := func(n int64, unit string) string {
-		if n == 0 {
-			return "unlimited"
-		}
-		if unit == "B" {
-			return backends.FormatSize(uint64(n)) + "/s"
-		}
-		return strconv.FormatInt(n, 10) + "/s"
-	}
-	burst := "default"
-	if l.Burst != 0 {
-		burst = l.Burst.String()
-	}
-	return fmt.Sprintf("read %s, write %s, read IOPS %s, write IOPS %s, burst %s",
-		rate(l.ReadBytesPerSec, "B"), rate(l.WriteBytesPerSec, "B"),
-		rate(l.ReadIOPS, ""), rate(l.WriteIOPS, ""), burst)
-}
+// Limits are a volume's rate limits, the rate filter's own type. Zero
+// means unlimited; a zero Burst means the rate filter's default.
+type Limits = rate.Limits
 
 // Fields is a set of limits, by bit.
 type Fields uint8

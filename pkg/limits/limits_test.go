@@ -68,7 +68,7 @@ func TestFromAnnotations(t *testing.T) {
 	l, err = FromAnnotations(map[string]string{
 		AnnReadBytes: "20Mi", AnnWriteBytes: "0", AnnReadIOPS: "100", AnnWriteIOPS: "50", AnnBurst: "1s",
 	})
-	want := Layer{Limits{20 << 20, 0, 100, 50, time.Second}, FieldReadBytes | FieldWriteBytes | FieldReadIOPS | FieldWriteIOPS | FieldBurst}
+	want := Layer{Limits{ReadBytesPerSec: 20 << 20, WriteBytesPerSec: 0, ReadIOPS: 100, WriteIOPS: 50, Burst: time.Second}, FieldReadBytes | FieldWriteBytes | FieldReadIOPS | FieldWriteIOPS | FieldBurst}
 	if err != nil || l != want {
 		t.Errorf("all annotations: %+v, %v; want %+v", l, err, want)
 	}
@@ -167,7 +167,7 @@ func TestBoundsAreTheRateFilters(t *testing.T) {
 		t.Errorf("bounds %d, %d, %v; the rate filter's are %d, %d, %v",
 			MaxBytesPerSec, MaxIOPS, MaxBurst, rate.MaxBytesPerSec, rate.MaxIOPS, rate.MaxBurst)
 	}
-	max := Limits{MaxBytesPerSec, MaxBytesPerSec, MaxIOPS, MaxIOPS, MaxBurst}
+	max := Limits{ReadBytesPerSec: MaxBytesPerSec, WriteBytesPerSec: MaxBytesPerSec, ReadIOPS: MaxIOPS, WriteIOPS: MaxIOPS, Burst: MaxBurst}
 	if l, err := Parse(Params(max)); err != nil || l != max || rate.Limits(l).Check() != nil {
 		t.Errorf("the largest limits: %+v, %v, %v", l, err, rate.Limits(l).Check())
 	}

@@ -10,19 +10,7 @@ import (
 )
 
 // findCache looks through a stack's filters for the cache filter.
-func findCache(dev backends.Device) (*cache.Device, bool) {
-	for dev != nil {
-		if c, ok := dev.(*cache.Device); ok {
-			return c, true
-		}
-		u, ok := dev.(interface{ Unwrap() backends.Device })
-		if !ok {
-			return nil, false
-		}
-		dev = u.Unwrap()
-	}
-	return nil, false
-}
+func findCache(dev backends.Device) (*cache.Device, bool) { return backends.Find[*cache.Device](dev) }
 
 // cacheCollector reads cache filters' statistics at scrape time.
 type cacheCollector struct {

@@ -10,7 +10,6 @@ import (
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/rate"
-	"github.com/csi-nbd/csi-nbd/pkg/limits"
 )
 
 // opMetrics are one operation's series of one volume, looked up once at
@@ -26,7 +25,7 @@ type device struct {
 	m        *Metrics
 	labels   VolumeLabels
 	inFlight prometheus.Gauge
-	op       map[string]*opMetrics
+	op       [numOps]opMetrics
 
 	// For Stalled: requests in flight, and when a request last finished
 	// (or the first one started after an idle spell), in Unix nanoseconds.
@@ -48,11 +47,10 @@ var (
 // open, drops all of the volume's series.
 func (m *Metrics) Wrap(dev backends.Device, labels VolumeLabels) backends.Device {
 	d := &device{inner: dev, m: m, labels: labels,
-		inFlight: m.inFlight.WithLabelValues(labels.values()...),
-		op:       make(map[string]*opMetrics, len(allOps))}
-	for _, op := range allOps {
-		lv := labels.values(op)
-		d.op[op] = &opMetrics{
+		inFlight: m.inFlight.WithLabelValues(labels.values()...)}
+	for i, name := range allOps {
+		lv := labels.values(name)
+		d.op[i] = opMetrics{
 			bytes: m.bytes.WithLabelValues(lv...), ops: m.ops.WithLabelValues(lv...),
 			errors: m.errors.WithLabelValues(lv...), latency: m.latency.WithLabelValues(lv...),
 		}
@@ -61,7 +59,7 @@ func (m *Metrics) Wrap(dev backends.Device, labels VolumeLabels) backends.Device
 	// A stack with the rate filter reports its limits and throttled time
 	// by itself.
 	if r, ok := rate.Find(dev); ok {
-		m.SetLimits(labels, limits.Limits(r.Limits()))
+		m.SetLimits(labels, r.Limits())
 		m.SetThrottleStats(labels, rateThrottle{r})
 	}
 	if c, ok := findCache(dev); ok {
@@ -94,20 +92,21 @@ func (d *device) Caps() backends.Caps { return d.inner.Caps() }
 // begin starts measuring one request; done ends it with its outcome and
 // the bytes it moved or affected.
 func (d *device) begin() time.Time {
+	now := time.Now()
 	if d.pending.Add(1) == 1 {
 		// After idle, the clock for "no progress" starts now.
-		d.progress.Store(time.Now().UnixNano())
+		d.progress.Store(now.UnixNano())
 	}
 	d.inFlight.Inc()
-	return time.Now()
+	return now
 }
 
-func (d *device) done(op string, start time.Time, n uint64, err error) {
+func (d *device) done(op op, start time.Time, n uint64, err error) {
 	now := time.Now()
 	d.progress.Store(now.UnixNano())
 	d.pending.Add(-1)
 	d.inFlight.Dec()
-	o := d.op[op]
+	o := &d.op[op]
 	o.latency.Observe(now.Sub(start).Seconds())
 	if err != nil {
 		o.errors.Inc()
@@ -122,49 +121,49 @@ func (d *device) done(op string, start time.Time, n uint64, err error) {
 func (d *device) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	t := d.begin()
 	err := d.inner.ReadAt(ctx, p, off)
-	d.done(OpRead, t, uint64(len(p)), err)
+	d.done(opRead, t, uint64(len(p)), err)
 	return err
 }
 
 func (d *device) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
 	t := d.begin()
 	err := d.inner.WriteAt(ctx, p, off, fua)
-	d.done(OpWrite, t, uint64(len(p)), err)
+	d.done(opWrite, t, uint64(len(p)), err)
 	return err
 }
 
 func (d *device) Flush(ctx context.Context) error {
 	t := d.begin()
 	err := d.inner.Flush(ctx)
-	d.done(OpFlush, t, 0, err)
+	d.done(opFlush, t, 0, err)
 	return err
 }
 
 func (d *device) Trim(ctx context.Context, off, length uint64, fua bool) error {
 	t := d.begin()
 	err := d.inner.Trim(ctx, off, length, fua)
-	d.done(OpTrim, t, length, err)
+	d.done(opTrim, t, length, err)
 	return err
 }
 
 func (d *device) Zero(ctx context.Context, off, length uint64, flags backends.ZeroFlags) error {
 	t := d.begin()
 	err := d.inner.Zero(ctx, off, length, flags)
-	d.done(OpZero, t, length, err)
+	d.done(opZero, t, length, err)
 	return err
 }
 
 func (d *device) Extents(ctx context.Context, off, length uint64, add func(backends.Extent)) error {
 	t := d.begin()
 	err := d.inner.Extents(ctx, off, length, add)
-	d.done(OpExtents, t, 0, err)
+	d.done(opExtents, t, 0, err)
 	return err
 }
 
 func (d *device) Cache(ctx context.Context, off, length uint64) error {
 	t := d.begin()
 	err := d.inner.Cache(ctx, off, length)
-	d.done(OpCache, t, 0, err)
+	d.done(opCache, t, 0, err)
 	return err
 }
 

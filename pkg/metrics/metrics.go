@@ -59,7 +59,23 @@ const (
 	OpExtents = "extents"
 )
 
-var allOps = []string{OpRead, OpWrite, OpTrim, OpZero, OpFlush, OpCache, OpExtents}
+// op indexes a device's per-operation series, so a request finds its
+// series without hashing the op name.
+type op int
+
+const (
+	opRead op = iota
+	opWrite
+	opTrim
+	opZero
+	opFlush
+	opCache
+	opExtents
+	numOps
+)
+
+var allOps = [numOps]string{opRead: OpRead, opWrite: OpWrite, opTrim: OpTrim, opZero: OpZero,
+	opFlush: OpFlush, opCache: OpCache, opExtents: OpExtents}
 
 // Metrics is one registry of volume metrics with the Go and process
 // collectors. Most programs use Default through the package functions.

@@ -116,17 +116,26 @@ func (d *Device) check(off, n uint64) error {
 	return nil
 }
 
+// eachPage calls f for each page piece of [off, off+length): the page's
+// index, the offset in it and the piece's length.
+func eachPage(off, length uint64, f func(pi, po, n uint64)) {
+	for length > 0 {
+		po := off % pageSize
+		n := min(length, pageSize-po)
+		f(off>>pageShift, po, n)
+		off, length = off+n, length-n
+	}
+}
+
 // ReadAt reads p from off; absent pages read as zeros.
 func (d *Device) ReadAt(_ context.Context, p []byte, off uint64) error {
 	if err := d.check(off, uint64(len(p))); err != nil {
 		return err
 	}
-	for len(p) > 0 {
-		po := off % pageSize
-		n := min(uint64(len(p)), pageSize-po)
-		d.t.read(p[:n], off>>pageShift, po)
-		p, off = p[n:], off+n
-	}
+	eachPage(off, uint64(len(p)), func(pi, po, n uint64) {
+		d.t.read(p[:n], pi, po)
+		p = p[n:]
+	})
 	return nil
 }
 
@@ -137,14 +146,11 @@ func (d *Device) Lend(off, length uint64, dst [][]byte) ([][]byte, bool, error) 
 		return dst, false, err
 	}
 	zero := true
-	for length > 0 {
-		po := off % pageSize
-		n := min(length, pageSize-po)
-		b, z := d.t.lend(off>>pageShift, po, n)
+	eachPage(off, length, func(pi, po, n uint64) {
+		b, z := d.t.lend(pi, po, n)
 		dst = append(dst, b)
 		zero = zero && z
-		off, length = off+n, length-n
-	}
+	})
 	return dst, zero, nil
 }
 
@@ -153,12 +159,10 @@ func (d *Device) WriteAt(_ context.Context, p []byte, off uint64, _ bool) error 
 	if err := d.check(off, uint64(len(p))); err != nil {
 		return err
 	}
-	for len(p) > 0 {
-		po := off % pageSize
-		n := min(uint64(len(p)), pageSize-po)
-		d.t.write(p[:n], off>>pageShift, po)
-		p, off = p[n:], off+n
-	}
+	eachPage(off, uint64(len(p)), func(pi, po, n uint64) {
+		d.t.write(p[:n], pi, po)
+		p = p[n:]
+	})
 	return nil
 }
 
@@ -172,24 +176,16 @@ func (d *Device) BorrowWrite(off, length uint64, dst [][]byte) ([][]byte, error)
 	if err := d.check(off, length); err != nil {
 		return dst, err
 	}
-	for length > 0 {
-		po := off % pageSize
-		n := min(length, pageSize-po)
-		dst = append(dst, d.t.borrow(off>>pageShift, po, n))
-		off, length = off+n, length-n
-	}
+	eachPage(off, length, func(pi, po, n uint64) {
+		dst = append(dst, d.t.borrow(pi, po, n))
+	})
 	return dst, nil
 }
 
 // CommitWrite ends a BorrowWrite of [off, off+length): pages left all
 // zeros are freed, as WriteAt would not have stored them.
 func (d *Device) CommitWrite(off, length uint64) {
-	for length > 0 {
-		po := off % pageSize
-		n := min(length, pageSize-po)
-		d.t.commit(off>>pageShift, po, n)
-		off, length = off+n, length-n
-	}
+	eachPage(off, length, d.t.commit)
 }
 
 func (d *Device) Flush(context.Context) error { return nil }

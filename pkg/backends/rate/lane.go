@@ -195,7 +195,20 @@ func (l *lane) wait(ctx context.Context, op bool, n int64) (time.Duration, error
 		l.mu.Unlock()
 		return 0, nil
 	}
-	w := &waiter{bytes: n, op: op, wake: make(chan struct{}, 1)}
+	rest := waiter{bytes: n, op: op}
+	if len(l.queue) == 0 && (l.bytes == nil || n <= l.chunk) {
+		// Nobody ahead and one step admits it: when the buckets hold the
+		// tokens, go without queueing (no waiter, no channel, no
+		// widening and narrowing of the buckets).
+		if l.take(l.clk.Now(), &rest) == 0 {
+			if l.onAdmit != nil {
+				l.onAdmit(ctx)
+			}
+			l.mu.Unlock()
+			return 0, nil
+		}
+	}
+	w := &waiter{bytes: rest.bytes, op: rest.op, wake: make(chan struct{}, 1)}
 	l.queue = append(l.queue, w)
 	if len(l.queue) == 1 {
 		l.widen(l.clk.Now(), true)
@@ -321,8 +334,11 @@ func (l *lane) take(now time.Time, w *waiter) time.Duration {
 	if d > 0 {
 		return d
 	}
-	if needOp && !l.ops.AllowN(now, 1) {
-		return time.Microsecond // rounding; look again very soon
+	if needOp {
+		if !l.ops.AllowN(now, 1) {
+			return time.Microsecond // rounding; look again very soon
+		}
+		w.op = false // taken: not again if the bytes are short
 	}
 	if nb > 0 && !l.bytes.AllowN(now, int(nb)) {
 		return time.Microsecond

@@ -34,6 +34,7 @@ package rate
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -150,6 +151,26 @@ func (l Limits) Check() error {
 	return nil
 }
 
+// String is for events and logs: "read 10Mi/s, write unlimited, …".
+func (l Limits) String() string {
+	perSec := func(n int64, unit string) string {
+		if n == 0 {
+			return "unlimited"
+		}
+		if unit == "B" {
+			return backends.FormatSize(uint64(n)) + "/s"
+		}
+		return strconv.FormatInt(n, 10) + "/s"
+	}
+	burst := "default"
+	if l.Burst != 0 {
+		burst = l.Burst.String()
+	}
+	return fmt.Sprintf("read %s, write %s, read IOPS %s, write IOPS %s, burst %s",
+		perSec(l.ReadBytesPerSec, "B"), perSec(l.WriteBytesPerSec, "B"),
+		perSec(l.ReadIOPS, ""), perSec(l.WriteIOPS, ""), burst)
+}
+
 // Unlimited reports whether no limit is set.
 func (l Limits) Unlimited() bool {
 	return l.ReadBytesPerSec == 0 && l.WriteBytesPerSec == 0 && l.ReadIOPS == 0 && l.WriteIOPS == 0
@@ -211,26 +232,12 @@ func ParseLimits(s backends.Spec) (Limits, error) {
 }
 
 // Unwrapper is implemented by filters, returning the device they wrap, so
-// that Find can look through a stack. Every filter should implement it.
-type Unwrapper interface {
-	Unwrap() backends.Device
-}
+// that Find can look through a stack.
+type Unwrapper = backends.Unwrapper
 
 // Find returns the rate filter in an opened stack: dev itself or the first
 // one found by unwrapping filters that implement Unwrapper.
-func Find(dev backends.Device) (*Device, bool) {
-	for dev != nil {
-		if d, ok := dev.(*Device); ok {
-			return d, true
-		}
-		u, ok := dev.(Unwrapper)
-		if !ok {
-			return nil, false
-		}
-		dev = u.Unwrap()
-	}
-	return nil, false
-}
+func Find(dev backends.Device) (*Device, bool) { return backends.Find[*Device](dev) }
 
 // Stats are the filter's running totals since open. Bytes and operations
 // count requests that completed successfully; throttled times add up how

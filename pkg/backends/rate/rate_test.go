@@ -280,3 +280,28 @@ func TestResizeForwards(t *testing.T) {
 		t.Errorf("resize of a device that cannot grow: %v", err)
 	}
 }
+
+// A request under the limits with nobody queued is admitted without
+// queueing: no allocation on the admission path.
+func TestUnderLimitAdmitsWithoutAllocating(t *testing.T) {
+	if testing.Short() {
+		t.Skip("allocation counts")
+	}
+	d, err := New(memory.New(1<<20), Limits{ReadBytesPerSec: MaxBytesPerSec, ReadIOPS: MaxIOPS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	ctx := context.Background()
+	p := make([]byte, 4096)
+	if n := testing.AllocsPerRun(100, func() {
+		if err := d.ReadAt(ctx, p, 0); err != nil {
+			t.Fatal(err)
+		}
+	}); n != 0 {
+		t.Errorf("ReadAt under the limits: %v allocations, want 0", n)
+	}
+	if s := d.Stats(); s.ReadThrottled != 0 {
+		t.Errorf("throttled %v under the limits", s.ReadThrottled)
+	}
+}

@@ -101,19 +101,8 @@ func init() {
 // nothing for us, so readahead into it would gain nothing.
 func cacheBelow(s backends.Spec) bool {
 	for _, f := range backends.Filters() {
-		if f.Order >= order {
-			continue
-		}
-		if f.Enabled != nil {
-			if f.Enabled(s) {
-				return true
-			}
-			continue
-		}
-		for _, o := range f.Options {
-			if _, ok := s.Options[o.Key]; ok {
-				return true
-			}
+		if f.Order < order && f.On(s) {
+			return true
 		}
 	}
 	return false
@@ -237,8 +226,11 @@ func (d *Device) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	}
 	d.mu.Lock()
 	d.observe(off, uint64(len(p)))
+	// With no window buffers (random reads, or readahead into the cache
+	// below), the read goes down without locking again to look for one.
+	direct := d.useCache || len(d.segs) == 0
 	d.mu.Unlock()
-	if d.useCache {
+	if direct {
 		return d.inner.ReadAt(ctx, p, off)
 	}
 	return d.readWindow(ctx, p, off)
