@@ -115,14 +115,15 @@ func Open(ctx context.Context, inner backends.Device, c Config) (*Device, error)
 	if c.mode, err = parseMode(c.Mode); err != nil {
 		return nil, err
 	}
-	if c.mode == modeOff || c.Block < minBlock || c.Block&(c.Block-1) != 0 || c.Size < c.Block || c.Dir == "" {
+	if c.mode == modeOff || c.Block < backends.MinFilterBlock || c.Block&(c.Block-1) != 0 || c.Size < c.Block || c.Dir == "" {
 		return nil, fmt.Errorf("cache: invalid configuration %+v", c)
 	}
-	if err := os.MkdirAll(c.Dir, 0o700); err != nil {
-		return nil, fmt.Errorf("option %q: %w", keyDir, err)
+	lock, err := backends.LockFilterDir(c.Dir, keyDir, "cache")
+	if err != nil {
+		return nil, err
 	}
 	d := &Device{
-		inner: inner, cfg: c, bs: c.Block, dir: c.Dir,
+		inner: inner, cfg: c, lock: lock, bs: c.Block, dir: c.Dir,
 		size:      inner.Size(),
 		entries:   map[uint64]*entry{},
 		capBlocks: int(min(c.Size/c.Block, 1<<40)),
@@ -139,14 +140,6 @@ func Open(ctx context.Context, inner backends.Device, c Config) (*Device, error)
 			d.closeFiles()
 		}
 	}()
-	lf, err := os.OpenFile(filepath.Join(c.Dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("option %q: %w", keyDir, err)
-	}
-	d.lock = lf
-	if err := unix.Flock(int(lf.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		return nil, fmt.Errorf("option %q: cache directory %s is in use by another process: %w", keyDir, c.Dir, err)
-	}
 	if d.data, err = os.OpenFile(filepath.Join(c.Dir, "data"), os.O_RDWR|os.O_CREATE, 0o600); err != nil {
 		return nil, fmt.Errorf("option %q: %w", keyDir, err)
 	}

@@ -47,10 +47,11 @@ var _ backends.Resizer = (*Device)(nil)
 // Open puts an overlay configured by c (c.Dir set) over origin. On error
 // origin is left open.
 func Open(_ context.Context, origin backends.Device, c Config) (*Device, error) {
-	if err := os.MkdirAll(c.Dir, 0o700); err != nil {
-		return nil, fmt.Errorf("option %q: %w", keyDir, err)
+	lock, err := backends.LockFilterDir(c.Dir, keyDir, "overlay")
+	if err != nil {
+		return nil, err
 	}
-	d := &Device{origin: origin, bs: c.Block, persist: c.Persist, dir: c.Dir, size: origin.Size()}
+	d := &Device{lock: lock, origin: origin, bs: c.Block, persist: c.Persist, dir: c.Dir, size: origin.Size()}
 	for uint64(1)<<d.shift < d.bs {
 		d.shift++
 	}
@@ -60,13 +61,6 @@ func Open(_ context.Context, origin backends.Device, c Config) (*Device, error) 
 			d.closeFiles()
 		}
 	}()
-	var err error
-	if d.lock, err = os.OpenFile(filepath.Join(c.Dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600); err != nil {
-		return nil, fmt.Errorf("option %q: %w", keyDir, err)
-	}
-	if err := unix.Flock(int(d.lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		return nil, fmt.Errorf("option %q: overlay directory %s is in use by another process: %w", keyDir, c.Dir, err)
-	}
 	nblocks := (d.size + d.bs - 1) >> d.shift
 	d.present, d.zero = newBitset(nblocks), newBitset(nblocks)
 	flags := os.O_RDWR | os.O_CREATE
