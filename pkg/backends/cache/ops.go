@@ -153,7 +153,15 @@ func (d *Device) read(ctx context.Context, p []byte, off, length uint64, keep bo
 func (d *Device) fill(ctx context.Context, run []*entry, p []byte, pStart, off, stop uint64) error {
 	fs := run[0].b << d.shift
 	fe := d.blockEnd(run[len(run)-1].b)
-	buf := make([]byte, fe-fs)
+	// A read that covers the whole run (block-aligned) is fetched straight
+	// into p: no buffer and no copy.
+	direct := p != nil && off == fs && stop == fe
+	var buf []byte
+	if direct {
+		buf = p[off-pStart : stop-pStart]
+	} else {
+		buf = make([]byte, fe-fs)
+	}
 	err := d.inner.ReadAt(ctx, buf, fs)
 	if err == nil {
 		if _, err = d.data.WriteAt(buf, int64(fs)); err != nil {
@@ -171,7 +179,7 @@ func (d *Device) fill(ctx context.Context, run []*entry, p []byte, pStart, off, 
 	}
 	d.release(run)
 	d.mu.Unlock()
-	if err == nil && p != nil {
+	if err == nil && p != nil && !direct {
 		copy(p[off-pStart:stop-pStart], buf[off-fs:stop-fs])
 	}
 	return err
