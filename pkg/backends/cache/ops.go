@@ -583,22 +583,12 @@ func (d *Device) Extents(ctx context.Context, off, length uint64, add func(backe
 	if len(dirty) == 0 {
 		return d.inner.Extents(ctx, off, length, add)
 	}
-	var exts []backends.Extent
-	pos := off
-	err := d.inner.Extents(ctx, off, length, func(e backends.Extent) {
-		if pos < end && e.Length > 0 {
-			n := min(e.Length, end-pos)
-			exts = append(exts, backends.Extent{Length: n, Flags: e.Flags})
-			pos += n
-		}
-	})
-	if err != nil {
-		return err
-	}
+	// Each backend extent is split around the dirty blocks as it comes (a
+	// reply cut short by an error is dropped by the caller).
 	m := backends.ExtentMerger{Add: add}
 	p, di := off, 0
-	for _, e := range exts {
-		eEnd := p + e.Length
+	_, err := backends.ClipExtents(ctx, d.inner, off, length, func(n uint64, f backends.ExtentFlags) {
+		eEnd := p + n
 		for p < eEnd {
 			for di < len(dirty) && (dirty[di]+1)<<d.shift <= p {
 				di++
@@ -613,9 +603,12 @@ func (d *Device) Extents(ctx context.Context, off, length uint64, add func(backe
 			if di < len(dirty) {
 				q = min(q, dirty[di]<<d.shift)
 			}
-			m.Emit(q-p, e.Flags)
+			m.Emit(q-p, f)
 			p = q
 		}
+	})
+	if err != nil {
+		return err
 	}
 	m.Flush()
 	return nil

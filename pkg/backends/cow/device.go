@@ -430,18 +430,11 @@ func (d *Device) Extents(ctx context.Context, off, length uint64, add func(backe
 			m.Emit(hi-lo, backends.ExtentHole|backends.ExtentZero)
 			return nil
 		}
-		pos := lo
-		err := d.origin.Extents(ctx, lo, hi-lo, func(e backends.Extent) {
-			if pos < hi && e.Length > 0 {
-				n := min(e.Length, hi-pos)
-				m.Emit(n, e.Flags)
-				pos += n
-			}
-		})
+		n, err := backends.ClipExtents(ctx, d.origin, lo, hi-lo, m.Emit)
 		if err != nil {
 			return err
 		}
-		if pos < hi {
+		if n < hi-lo {
 			return errStop // the origin stopped early: so do we
 		}
 		return nil
