@@ -332,11 +332,13 @@ func (d *Device) writeCached(ctx context.Context, es []*entry, p []byte, off uin
 			return err
 		}
 	}
-	wasAbsent := make(map[*entry]bool, len(es))
-	for _, e := range es {
-		wasAbsent[e] = e.state == stateAbsent
+	// es are consecutive blocks: wasAbsent is indexed by e.b-b0.
+	b0 := es[0].b
+	wasAbsent := make([]bool, len(es))
+	for i, e := range es {
+		wasAbsent[i] = e.state == stateAbsent
 	}
-	err := d.forRuns(es, off, end, func(e *entry) bool { return wasAbsent[e] && covered(e) }, func(lo, hi uint64) error {
+	err := d.forRuns(es, off, end, func(e *entry) bool { return wasAbsent[e.b-b0] && covered(e) }, func(lo, hi uint64) error {
 		return d.pwrite(p[lo-off:hi-off], lo)
 	})
 	if err != nil {
@@ -354,7 +356,7 @@ func (d *Device) writeCached(ctx context.Context, es []*entry, p []byte, off uin
 		return err
 	}
 	// 3. The blocks that were cached take the new bytes.
-	return d.forRuns(es, off, end, func(e *entry) bool { return !wasAbsent[e] }, func(lo, hi uint64) error {
+	return d.forRuns(es, off, end, func(e *entry) bool { return !wasAbsent[e.b-b0] }, func(lo, hi uint64) error {
 		return d.pwrite(p[lo-off:hi-off], lo)
 	})
 }
@@ -366,14 +368,15 @@ func (d *Device) writeCached(ctx context.Context, es []*entry, p []byte, off uin
 func (d *Device) writeAround(ctx context.Context, es []*entry, p []byte, off uint64, fua bool) error {
 	end := off + uint64(len(p))
 	covered := func(e *entry) bool { return off <= e.b<<d.shift && end >= d.blockEnd(e.b) }
+	// es are consecutive blocks: inBack is indexed by e.b-b0.
+	b0 := es[0].b
+	inBack := make([]bool, len(es))
 	d.mu.Lock()
-	var clean, dirty []*entry
-	for _, e := range es {
-		switch e.state {
-		case stateClean:
+	var clean []*entry
+	for i, e := range es {
+		if e.state == stateClean {
 			clean = append(clean, e)
-		case stateDirty:
-			dirty = append(dirty, e)
+			inBack[i] = true
 		}
 	}
 	err := d.commit(clean, stateAbsent)
@@ -391,14 +394,12 @@ func (d *Device) writeAround(ctx context.Context, es []*entry, p []byte, off uin
 	// Put back the blocks that were cached (the rest of their bytes in
 	// the file is still the backend's), and, writing through, cache
 	// whole blocks written.
-	inBack := make(map[*entry]bool, len(es))
 	var back []*entry
-	for _, e := range es {
-		if slices.Contains(clean, e) {
-			inBack[e] = true
-			back = append(back, e)
-		} else if e.state == stateAbsent && covered(e) && d.cfg.mode == modeWritethrough {
-			inBack[e] = true
+	for i, e := range es {
+		if !inBack[i] && e.state == stateAbsent && covered(e) && d.cfg.mode == modeWritethrough {
+			inBack[i] = true
+		}
+		if inBack[i] {
 			back = append(back, e)
 		}
 	}
@@ -418,7 +419,7 @@ func (d *Device) writeAround(ctx context.Context, es []*entry, p []byte, off uin
 	if !ok {
 		return nil
 	}
-	err = d.forRuns(es, off, end, func(e *entry) bool { return inBack[e] }, func(lo, hi uint64) error { return d.pwrite(p[lo-off:hi-off], lo) })
+	err = d.forRuns(es, off, end, func(e *entry) bool { return inBack[e.b-b0] }, func(lo, hi uint64) error { return d.pwrite(p[lo-off:hi-off], lo) })
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err == nil {
