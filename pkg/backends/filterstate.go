@@ -1,6 +1,7 @@
 package backends
 
 import (
+	"context"
 	"fmt"
 	"math/bits"
 	"os"
@@ -75,4 +76,25 @@ func LockFilterDir(dir, key, what string) (*os.File, error) {
 		return nil, fmt.Errorf("option %q: %s directory %s is in use by another process: %w", key, what, dir, err)
 	}
 	return f, nil
+}
+
+// GrowFilter does the part of a Resize from old to size that the filters
+// keeping a local file laid out like the volume (cache, cow) share: it
+// refuses a shrink, grows inner and then f. It reports false, and does
+// nothing, when size is old. name prefixes the shrink error and file
+// names f in errors.
+func GrowFilter(ctx context.Context, inner Device, f *os.File, old, size uint64, name, file string) (bool, error) {
+	if size == old {
+		return false, nil
+	}
+	if size < old {
+		return false, fmt.Errorf("%s: shrinking from %d to %d: %w", name, old, size, ErrInvalid)
+	}
+	if err := Resize(ctx, inner, size); err != nil {
+		return false, err
+	}
+	if err := f.Truncate(int64(size)); err != nil {
+		return false, fmt.Errorf("%s: %w", file, err)
+	}
+	return true, nil
 }

@@ -540,17 +540,8 @@ func (d *Device) kickWriteback() {
 func (d *Device) Resize(ctx context.Context, size uint64) error {
 	d.sizeMu.Lock()
 	defer d.sizeMu.Unlock()
-	if size == d.size {
-		return nil
-	}
-	if size < d.size {
-		return fmt.Errorf("cache: shrinking from %d to %d: %w", d.size, size, backends.ErrInvalid)
-	}
-	if err := backends.Resize(ctx, d.inner, size); err != nil {
+	if grew, err := backends.GrowFilter(ctx, d.inner, d.data, d.size, size, "cache", "cache data file"); !grew {
 		return err
-	}
-	if err := d.data.Truncate(int64(size)); err != nil {
-		return fmt.Errorf("cache data file: %w", err)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()

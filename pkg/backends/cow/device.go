@@ -455,17 +455,8 @@ func (d *Device) Cache(ctx context.Context, off, length uint64) error {
 func (d *Device) Resize(ctx context.Context, size uint64) error {
 	d.sizeMu.Lock()
 	defer d.sizeMu.Unlock()
-	if size == d.size {
-		return nil
-	}
-	if size < d.size {
-		return fmt.Errorf("cow: shrinking from %d to %d: %w", d.size, size, backends.ErrInvalid)
-	}
-	if err := backends.Resize(ctx, d.origin, size); err != nil {
+	if grew, err := backends.GrowFilter(ctx, d.origin, d.f, d.size, size, "cow", "overlay file"); !grew {
 		return err
-	}
-	if err := d.f.Truncate(int64(size)); err != nil {
-		return fmt.Errorf("overlay file: %w", err)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
