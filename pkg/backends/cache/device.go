@@ -392,18 +392,27 @@ func (d *Device) compact(flags uint32) error {
 	return nil
 }
 
-// reserve makes room for n more blocks, evicting clean blocks if needed.
-// The victims are returned busy and must go through punchVictims once
-// d.mu is released. It fails if the cap is taken by dirty or busy blocks.
-func (d *Device) reserve(n int) (bool, []*entry) {
-	if d.used+n <= d.capBlocks {
-		return true, nil
+// reserve makes room for the blocks es, evicting clean blocks if needed,
+// and on success marks them reserved and counts them used. The victims
+// are returned busy and must go through punchVictims once d.mu is
+// released. It fails if the cap is taken by dirty or busy blocks.
+func (d *Device) reserve(es []*entry) (bool, []*entry) {
+	n := len(es)
+	var victims []*entry
+	if d.used+n > d.capBlocks {
+		victims = d.pickVictims(d.used + n - d.capBlocks)
+		if err := d.evictLocked(victims); err != nil {
+			return false, nil
+		}
+		if d.used+n > d.capBlocks {
+			return false, victims
+		}
 	}
-	victims := d.pickVictims(d.used + n - d.capBlocks)
-	if err := d.evictLocked(victims); err != nil {
-		return false, nil
+	for _, e := range es {
+		e.reserved = true
 	}
-	return d.used+n <= d.capBlocks, victims
+	d.used += n
+	return true, victims
 }
 
 // pickVictims picks up to n least recently used evictable blocks.

@@ -108,13 +108,12 @@ func (d *Device) read(ctx context.Context, p []byte, off, length uint64, keep bo
 			}
 			ok, victims := false, []*entry(nil)
 			if keep {
-				ok, victims = d.reserve(len(run))
+				ok, victims = d.reserve(run)
 			}
 			if ok {
 				for _, e := range run {
-					e.busy, e.reserved = true, true
+					e.busy = true
 				}
-				d.used += len(run)
 				if d.used > d.capBlocks*highPct/100 {
 					d.kickWriteback()
 				}
@@ -276,13 +275,7 @@ func (d *Device) writeCachedRange(ctx context.Context, p []byte, off, b0, b1 uin
 			absent = append(absent, e)
 		}
 	}
-	ok, victims := d.reserve(len(absent))
-	if ok {
-		for _, e := range absent {
-			e.reserved = true
-		}
-		d.used += len(absent)
-	}
+	ok, victims := d.reserve(absent)
 	d.mu.Unlock()
 	d.punchVictims(victims)
 	if !ok {
@@ -407,13 +400,7 @@ func (d *Device) writeAround(ctx context.Context, es []*entry, p []byte, off uin
 		return nil
 	}
 	d.mu.Lock()
-	ok, victims := d.reserve(len(back))
-	if ok {
-		for _, e := range back {
-			e.reserved = true
-		}
-		d.used += len(back)
-	}
+	ok, victims := d.reserve(back)
 	d.mu.Unlock()
 	d.punchVictims(victims)
 	if !ok {
