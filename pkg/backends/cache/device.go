@@ -53,6 +53,7 @@ type entry struct {
 // Device is an open cache over inner. It is safe for concurrent use.
 type Device struct {
 	inner backends.Device
+	ic    backends.Caps // inner's, constant while open: read once, not per request
 	cfg   Config
 	shift uint
 	bs    uint64
@@ -123,7 +124,7 @@ func Open(ctx context.Context, inner backends.Device, c Config) (*Device, error)
 		return nil, err
 	}
 	d := &Device{
-		inner: inner, cfg: c, lock: lock, bs: c.Block, dir: c.Dir,
+		inner: inner, ic: inner.Caps(), cfg: c, lock: lock, bs: c.Block, dir: c.Dir,
 		size:      inner.Size(),
 		entries:   map[uint64]*entry{},
 		capBlocks: int(min(c.Size/c.Block, 1<<40)),
@@ -183,7 +184,7 @@ func (d *Device) recover(ctx context.Context) error {
 			}
 		}
 		if len(dirty) > 0 {
-			if d.inner.Caps().ReadOnly {
+			if d.ic.ReadOnly {
 				return fmt.Errorf("cache directory %s holds %d dirty blocks but the backend is read-only", d.dir, len(dirty))
 			}
 			klog.InfoS("cache: writing back dirty blocks left by the previous run", "dir", d.dir, "blocks", len(dirty))
@@ -278,7 +279,7 @@ func (d *Device) Size() uint64 {
 // Caps: the cache answers flushes and FUA itself; it may block on the
 // backend and the disk, so it is never Fast.
 func (d *Device) Caps() backends.Caps {
-	c := d.inner.Caps()
+	c := d.ic
 	c.Fast = false
 	c.Cache = true
 	if !c.ReadOnly {
@@ -586,7 +587,7 @@ func (d *Device) Close() error {
 
 	ctx := context.Background()
 	var errs []error
-	if !d.inner.Caps().ReadOnly {
+	if !d.ic.ReadOnly {
 		if err := d.writeback(ctx, 0, ^uint64(0), true); err != nil {
 			errs = append(errs, fmt.Errorf("cache: writeback at close: %w", err))
 		}

@@ -217,7 +217,7 @@ func (d *Device) pwrite(p []byte, off uint64) error {
 // once in the data file and the map, see journal.go); writethrough writes
 // the backend first.
 func (d *Device) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
-	if d.inner.Caps().ReadOnly {
+	if d.ic.ReadOnly {
 		return backends.ErrReadOnly
 	}
 	d.sizeMu.RLock()
@@ -452,7 +452,7 @@ func (d *Device) Zero(ctx context.Context, off, length uint64, flags backends.Ze
 }
 
 func (d *Device) discard(ctx context.Context, off, length uint64, zero bool, flags backends.ZeroFlags, fua bool) error {
-	ic := d.inner.Caps()
+	ic := d.ic
 	if ic.ReadOnly {
 		return backends.ErrReadOnly
 	}
