@@ -19,8 +19,6 @@ package cache
 import (
 	"context"
 	"fmt"
-	"math/bits"
-	"path/filepath"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
@@ -32,13 +30,6 @@ const (
 	keyBlock  = "cache-block"
 	keyOnRead = "cache-on-read"
 	keyDir    = "cache-dir"
-)
-
-const (
-	minBlock = 4 << 10
-	// maxBlock bounds the read-modify-write cost of a small write to an
-	// uncached block and a miss's latency.
-	maxBlock = 16 << 20
 )
 
 // Filter is the registration; exported for documentation tools.
@@ -124,14 +115,10 @@ func parseConfig(s backends.Spec) (Config, error) {
 		}
 		return c, nil
 	}
+	if c.Block, err = backends.FilterBlock(s, keyBlock); err != nil {
+		return c, err
+	}
 	var ok bool
-	if c.Block, ok = s.Size(keyBlock); !ok {
-		return c, fmt.Errorf("option %q: invalid size", keyBlock)
-	}
-	if c.Block < minBlock || c.Block > maxBlock || bits.OnesCount64(c.Block) != 1 {
-		return c, fmt.Errorf("option %q: %s is not a power of two from %s to %s", keyBlock,
-			backends.FormatSize(c.Block), backends.FormatSize(minBlock), backends.FormatSize(maxBlock))
-	}
 	if c.Size, ok = s.Size(keySize); !ok {
 		return c, fmt.Errorf("option %q: invalid size", keySize)
 	}
@@ -142,13 +129,8 @@ func parseConfig(s backends.Spec) (Config, error) {
 	if c.OnRead, ok = s.Bool(keyOnRead); !ok {
 		return c, fmt.Errorf("option %q: invalid bool", keyOnRead)
 	}
-	if d, set := s.Options[keyDir]; set {
-		if d == "" || !filepath.IsAbs(d) {
-			return c, fmt.Errorf("option %q: %q is not an absolute path", keyDir, d)
-		}
-		c.Dir = filepath.Clean(d)
-	}
-	return c, nil
+	c.Dir, err = backends.FilterDirOption(s, keyDir)
+	return c, err
 }
 
 func parseMode(v string) (mode, error) {
@@ -173,10 +155,8 @@ func wrap(ctx context.Context, s backends.Spec, env backends.Env, inner backends
 	if c.mode == modeOff {
 		return inner, nil // Enabled saw no option: nothing to do
 	}
-	if c.Dir == "" {
-		if c.Dir, err = env.Dir("cache", backends.BackendSpec(s)); err != nil {
-			return nil, fmt.Errorf("option %q: %w", keyDir, err)
-		}
+	if c.Dir, err = backends.FilterDir(env, s, "cache", keyDir, c.Dir); err != nil {
+		return nil, err
 	}
 	return Open(ctx, inner, c)
 }

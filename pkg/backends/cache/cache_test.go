@@ -54,6 +54,30 @@ func TestHitsSkipSlowOrigin(t *testing.T) {
 	}
 }
 
+// A block-aligned miss is fetched straight into the caller's buffer; the
+// blocks it stored must still serve later reads without the backend.
+func TestAlignedMissIsCached(t *testing.T) {
+	const size, bs = 1 << 20, 64 << 10
+	org := newMem(size)
+	want := pattern(size, 5)
+	if err := org.Device.WriteAt(ctx, want, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	d := mustOpen(t, org, cfg(t, modeWriteback, 64<<20, bs))
+	defer d.Close()
+	devtest.CheckRead(t, "aligned miss", d, bs, want[bs:4*bs])
+	misses := org.reads.Load()
+	if misses == 0 {
+		t.Fatal("aligned miss made no backend read")
+	}
+	for i := uint64(bs); i < 4*bs; i += 4096 {
+		devtest.CheckRead(t, "hit", d, i, want[i:i+4096])
+	}
+	if n := org.reads.Load() - misses; n != 0 {
+		t.Fatalf("reads of fetched blocks made %d backend reads, want 0", n)
+	}
+}
+
 // Concurrent misses on one block fetch it once.
 func TestConcurrentMissesFetchOnce(t *testing.T) {
 	org := newMem(1 << 20)

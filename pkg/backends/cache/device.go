@@ -53,6 +53,7 @@ type entry struct {
 // Device is an open cache over inner. It is safe for concurrent use.
 type Device struct {
 	inner backends.Device
+	ic    backends.Caps // inner's, constant while open: read once, not per request
 	cfg   Config
 	shift uint
 	bs    uint64
@@ -115,14 +116,15 @@ func Open(ctx context.Context, inner backends.Device, c Config) (*Device, error)
 	if c.mode, err = parseMode(c.Mode); err != nil {
 		return nil, err
 	}
-	if c.mode == modeOff || c.Block < minBlock || c.Block&(c.Block-1) != 0 || c.Size < c.Block || c.Dir == "" {
+	if c.mode == modeOff || c.Block < backends.MinFilterBlock || c.Block&(c.Block-1) != 0 || c.Size < c.Block || c.Dir == "" {
 		return nil, fmt.Errorf("cache: invalid configuration %+v", c)
 	}
-	if err := os.MkdirAll(c.Dir, 0o700); err != nil {
-		return nil, fmt.Errorf("option %q: %w", keyDir, err)
+	lock, err := backends.LockFilterDir(c.Dir, keyDir, "cache")
+	if err != nil {
+		return nil, err
 	}
 	d := &Device{
-		inner: inner, cfg: c, bs: c.Block, dir: c.Dir,
+		inner: inner, ic: inner.Caps(), cfg: c, lock: lock, bs: c.Block, dir: c.Dir,
 		size:      inner.Size(),
 		entries:   map[uint64]*entry{},
 		capBlocks: int(min(c.Size/c.Block, 1<<40)),
@@ -139,14 +141,6 @@ func Open(ctx context.Context, inner backends.Device, c Config) (*Device, error)
 			d.closeFiles()
 		}
 	}()
-	lf, err := os.OpenFile(filepath.Join(c.Dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("option %q: %w", keyDir, err)
-	}
-	d.lock = lf
-	if err := unix.Flock(int(lf.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		return nil, fmt.Errorf("option %q: cache directory %s is in use by another process: %w", keyDir, c.Dir, err)
-	}
 	if d.data, err = os.OpenFile(filepath.Join(c.Dir, "data"), os.O_RDWR|os.O_CREATE, 0o600); err != nil {
 		return nil, fmt.Errorf("option %q: %w", keyDir, err)
 	}
@@ -190,7 +184,7 @@ func (d *Device) recover(ctx context.Context) error {
 			}
 		}
 		if len(dirty) > 0 {
-			if d.inner.Caps().ReadOnly {
+			if d.ic.ReadOnly {
 				return fmt.Errorf("cache directory %s holds %d dirty blocks but the backend is read-only", d.dir, len(dirty))
 			}
 			klog.InfoS("cache: writing back dirty blocks left by the previous run", "dir", d.dir, "blocks", len(dirty))
@@ -285,7 +279,7 @@ func (d *Device) Size() uint64 {
 // Caps: the cache answers flushes and FUA itself; it may block on the
 // backend and the disk, so it is never Fast.
 func (d *Device) Caps() backends.Caps {
-	c := d.inner.Caps()
+	c := d.ic
 	c.Fast = false
 	c.Cache = true
 	if !c.ReadOnly {
@@ -399,18 +393,27 @@ func (d *Device) compact(flags uint32) error {
 	return nil
 }
 
-// reserve makes room for n more blocks, evicting clean blocks if needed.
-// The victims are returned busy and must go through punchVictims once
-// d.mu is released. It fails if the cap is taken by dirty or busy blocks.
-func (d *Device) reserve(n int) (bool, []*entry) {
-	if d.used+n <= d.capBlocks {
-		return true, nil
+// reserve makes room for the blocks es, evicting clean blocks if needed,
+// and on success marks them reserved and counts them used. The victims
+// are returned busy and must go through punchVictims once d.mu is
+// released. It fails if the cap is taken by dirty or busy blocks.
+func (d *Device) reserve(es []*entry) (bool, []*entry) {
+	n := len(es)
+	var victims []*entry
+	if d.used+n > d.capBlocks {
+		victims = d.pickVictims(d.used + n - d.capBlocks)
+		if err := d.evictLocked(victims); err != nil {
+			return false, nil
+		}
+		if d.used+n > d.capBlocks {
+			return false, victims
+		}
 	}
-	victims := d.pickVictims(d.used + n - d.capBlocks)
-	if err := d.evictLocked(victims); err != nil {
-		return false, nil
+	for _, e := range es {
+		e.reserved = true
 	}
-	return d.used+n <= d.capBlocks, victims
+	d.used += n
+	return true, victims
 }
 
 // pickVictims picks up to n least recently used evictable blocks.
@@ -547,17 +550,8 @@ func (d *Device) kickWriteback() {
 func (d *Device) Resize(ctx context.Context, size uint64) error {
 	d.sizeMu.Lock()
 	defer d.sizeMu.Unlock()
-	if size == d.size {
-		return nil
-	}
-	if size < d.size {
-		return fmt.Errorf("cache: shrinking from %d to %d: %w", d.size, size, backends.ErrInvalid)
-	}
-	if err := backends.Resize(ctx, d.inner, size); err != nil {
+	if grew, err := backends.GrowFilter(ctx, d.inner, d.data, d.size, size, "cache", "cache data file"); !grew {
 		return err
-	}
-	if err := d.data.Truncate(int64(size)); err != nil {
-		return fmt.Errorf("cache data file: %w", err)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -593,7 +587,7 @@ func (d *Device) Close() error {
 
 	ctx := context.Background()
 	var errs []error
-	if !d.inner.Caps().ReadOnly {
+	if !d.ic.ReadOnly {
 		if err := d.writeback(ctx, 0, ^uint64(0), true); err != nil {
 			errs = append(errs, fmt.Errorf("cache: writeback at close: %w", err))
 		}

@@ -108,13 +108,12 @@ func (d *Device) read(ctx context.Context, p []byte, off, length uint64, keep bo
 			}
 			ok, victims := false, []*entry(nil)
 			if keep {
-				ok, victims = d.reserve(len(run))
+				ok, victims = d.reserve(run)
 			}
 			if ok {
 				for _, e := range run {
-					e.busy, e.reserved = true, true
+					e.busy = true
 				}
-				d.used += len(run)
 				if d.used > d.capBlocks*highPct/100 {
 					d.kickWriteback()
 				}
@@ -153,7 +152,15 @@ func (d *Device) read(ctx context.Context, p []byte, off, length uint64, keep bo
 func (d *Device) fill(ctx context.Context, run []*entry, p []byte, pStart, off, stop uint64) error {
 	fs := run[0].b << d.shift
 	fe := d.blockEnd(run[len(run)-1].b)
-	buf := make([]byte, fe-fs)
+	// A read that covers the whole run (block-aligned) is fetched straight
+	// into p: no buffer and no copy.
+	direct := p != nil && off == fs && stop == fe
+	var buf []byte
+	if direct {
+		buf = p[off-pStart : stop-pStart]
+	} else {
+		buf = make([]byte, fe-fs)
+	}
 	err := d.inner.ReadAt(ctx, buf, fs)
 	if err == nil {
 		if _, err = d.data.WriteAt(buf, int64(fs)); err != nil {
@@ -171,7 +178,7 @@ func (d *Device) fill(ctx context.Context, run []*entry, p []byte, pStart, off, 
 	}
 	d.release(run)
 	d.mu.Unlock()
-	if err == nil && p != nil {
+	if err == nil && p != nil && !direct {
 		copy(p[off-pStart:stop-pStart], buf[off-fs:stop-fs])
 	}
 	return err
@@ -210,7 +217,7 @@ func (d *Device) pwrite(p []byte, off uint64) error {
 // once in the data file and the map, see journal.go); writethrough writes
 // the backend first.
 func (d *Device) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
-	if d.inner.Caps().ReadOnly {
+	if d.ic.ReadOnly {
 		return backends.ErrReadOnly
 	}
 	d.sizeMu.RLock()
@@ -268,13 +275,7 @@ func (d *Device) writeCachedRange(ctx context.Context, p []byte, off, b0, b1 uin
 			absent = append(absent, e)
 		}
 	}
-	ok, victims := d.reserve(len(absent))
-	if ok {
-		for _, e := range absent {
-			e.reserved = true
-		}
-		d.used += len(absent)
-	}
+	ok, victims := d.reserve(absent)
 	d.mu.Unlock()
 	d.punchVictims(victims)
 	if !ok {
@@ -324,11 +325,13 @@ func (d *Device) writeCached(ctx context.Context, es []*entry, p []byte, off uin
 			return err
 		}
 	}
-	wasAbsent := make(map[*entry]bool, len(es))
-	for _, e := range es {
-		wasAbsent[e] = e.state == stateAbsent
+	// es are consecutive blocks: wasAbsent is indexed by e.b-b0.
+	b0 := es[0].b
+	wasAbsent := make([]bool, len(es))
+	for i, e := range es {
+		wasAbsent[i] = e.state == stateAbsent
 	}
-	err := d.forRuns(es, off, end, func(e *entry) bool { return wasAbsent[e] && covered(e) }, func(lo, hi uint64) error {
+	err := d.forRuns(es, off, end, func(e *entry) bool { return wasAbsent[e.b-b0] && covered(e) }, func(lo, hi uint64) error {
 		return d.pwrite(p[lo-off:hi-off], lo)
 	})
 	if err != nil {
@@ -346,7 +349,7 @@ func (d *Device) writeCached(ctx context.Context, es []*entry, p []byte, off uin
 		return err
 	}
 	// 3. The blocks that were cached take the new bytes.
-	return d.forRuns(es, off, end, func(e *entry) bool { return !wasAbsent[e] }, func(lo, hi uint64) error {
+	return d.forRuns(es, off, end, func(e *entry) bool { return !wasAbsent[e.b-b0] }, func(lo, hi uint64) error {
 		return d.pwrite(p[lo-off:hi-off], lo)
 	})
 }
@@ -358,14 +361,15 @@ func (d *Device) writeCached(ctx context.Context, es []*entry, p []byte, off uin
 func (d *Device) writeAround(ctx context.Context, es []*entry, p []byte, off uint64, fua bool) error {
 	end := off + uint64(len(p))
 	covered := func(e *entry) bool { return off <= e.b<<d.shift && end >= d.blockEnd(e.b) }
+	// es are consecutive blocks: inBack is indexed by e.b-b0.
+	b0 := es[0].b
+	inBack := make([]bool, len(es))
 	d.mu.Lock()
-	var clean, dirty []*entry
-	for _, e := range es {
-		switch e.state {
-		case stateClean:
+	var clean []*entry
+	for i, e := range es {
+		if e.state == stateClean {
 			clean = append(clean, e)
-		case stateDirty:
-			dirty = append(dirty, e)
+			inBack[i] = true
 		}
 	}
 	err := d.commit(clean, stateAbsent)
@@ -383,14 +387,12 @@ func (d *Device) writeAround(ctx context.Context, es []*entry, p []byte, off uin
 	// Put back the blocks that were cached (the rest of their bytes in
 	// the file is still the backend's), and, writing through, cache
 	// whole blocks written.
-	inBack := make(map[*entry]bool, len(es))
 	var back []*entry
-	for _, e := range es {
-		if slices.Contains(clean, e) {
-			inBack[e] = true
-			back = append(back, e)
-		} else if e.state == stateAbsent && covered(e) && d.cfg.mode == modeWritethrough {
-			inBack[e] = true
+	for i, e := range es {
+		if !inBack[i] && e.state == stateAbsent && covered(e) && d.cfg.mode == modeWritethrough {
+			inBack[i] = true
+		}
+		if inBack[i] {
 			back = append(back, e)
 		}
 	}
@@ -398,19 +400,13 @@ func (d *Device) writeAround(ctx context.Context, es []*entry, p []byte, off uin
 		return nil
 	}
 	d.mu.Lock()
-	ok, victims := d.reserve(len(back))
-	if ok {
-		for _, e := range back {
-			e.reserved = true
-		}
-		d.used += len(back)
-	}
+	ok, victims := d.reserve(back)
 	d.mu.Unlock()
 	d.punchVictims(victims)
 	if !ok {
 		return nil
 	}
-	err = d.forRuns(es, off, end, func(e *entry) bool { return inBack[e] }, func(lo, hi uint64) error { return d.pwrite(p[lo-off:hi-off], lo) })
+	err = d.forRuns(es, off, end, func(e *entry) bool { return inBack[e.b-b0] }, func(lo, hi uint64) error { return d.pwrite(p[lo-off:hi-off], lo) })
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err == nil {
@@ -456,7 +452,7 @@ func (d *Device) Zero(ctx context.Context, off, length uint64, flags backends.Ze
 }
 
 func (d *Device) discard(ctx context.Context, off, length uint64, zero bool, flags backends.ZeroFlags, fua bool) error {
-	ic := d.inner.Caps()
+	ic := d.ic
 	if ic.ReadOnly {
 		return backends.ErrReadOnly
 	}
@@ -575,22 +571,12 @@ func (d *Device) Extents(ctx context.Context, off, length uint64, add func(backe
 	if len(dirty) == 0 {
 		return d.inner.Extents(ctx, off, length, add)
 	}
-	var exts []backends.Extent
-	pos := off
-	err := d.inner.Extents(ctx, off, length, func(e backends.Extent) {
-		if pos < end && e.Length > 0 {
-			n := min(e.Length, end-pos)
-			exts = append(exts, backends.Extent{Length: n, Flags: e.Flags})
-			pos += n
-		}
-	})
-	if err != nil {
-		return err
-	}
+	// Each backend extent is split around the dirty blocks as it comes (a
+	// reply cut short by an error is dropped by the caller).
 	m := backends.ExtentMerger{Add: add}
 	p, di := off, 0
-	for _, e := range exts {
-		eEnd := p + e.Length
+	_, err := backends.ClipExtents(ctx, d.inner, off, length, func(n uint64, f backends.ExtentFlags) {
+		eEnd := p + n
 		for p < eEnd {
 			for di < len(dirty) && (dirty[di]+1)<<d.shift <= p {
 				di++
@@ -605,9 +591,12 @@ func (d *Device) Extents(ctx context.Context, off, length uint64, add func(backe
 			if di < len(dirty) {
 				q = min(q, dirty[di]<<d.shift)
 			}
-			m.Emit(q-p, e.Flags)
+			m.Emit(q-p, f)
 			p = q
 		}
+	})
+	if err != nil {
+		return err
 	}
 	m.Flush()
 	return nil

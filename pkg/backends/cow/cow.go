@@ -22,8 +22,6 @@ package cow
 import (
 	"context"
 	"fmt"
-	"math/bits"
-	"path/filepath"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
@@ -33,9 +31,6 @@ const (
 	keyBlock   = "cow-block"
 	keyPersist = "cow-persist"
 	keyDir     = "cow-dir"
-
-	minBlock = 4 << 10
-	maxBlock = 16 << 20
 )
 
 // Filter is the registration; exported for documentation tools.
@@ -95,21 +90,15 @@ func parseConfig(s backends.Spec) (Config, bool, error) {
 		}
 		return c, false, nil
 	}
-	if c.Block, ok = s.Size(keyBlock); !ok {
-		return c, false, fmt.Errorf("option %q: invalid size", keyBlock)
-	}
-	if c.Block < minBlock || c.Block > maxBlock || bits.OnesCount64(c.Block) != 1 {
-		return c, false, fmt.Errorf("option %q: %s is not a power of two from %s to %s", keyBlock,
-			backends.FormatSize(c.Block), backends.FormatSize(minBlock), backends.FormatSize(maxBlock))
+	var err error
+	if c.Block, err = backends.FilterBlock(s, keyBlock); err != nil {
+		return c, false, err
 	}
 	if c.Persist, ok = s.Bool(keyPersist); !ok {
 		return c, false, fmt.Errorf("option %q: invalid bool", keyPersist)
 	}
-	if d, set := s.Options[keyDir]; set {
-		if d == "" || !filepath.IsAbs(d) {
-			return c, false, fmt.Errorf("option %q: %q is not an absolute path", keyDir, d)
-		}
-		c.Dir = filepath.Clean(d)
+	if c.Dir, err = backends.FilterDirOption(s, keyDir); err != nil {
+		return c, false, err
 	}
 	return c, true, nil
 }
@@ -122,10 +111,8 @@ func wrap(ctx context.Context, s backends.Spec, env backends.Env, inner backends
 	if !on {
 		return inner, nil
 	}
-	if c.Dir == "" {
-		if c.Dir, err = env.Dir("cow", backends.BackendSpec(s)); err != nil {
-			return nil, fmt.Errorf("option %q: %w", keyDir, err)
-		}
+	if c.Dir, err = backends.FilterDir(env, s, "cow", keyDir, c.Dir); err != nil {
+		return nil, err
 	}
 	return Open(ctx, inner, c)
 }

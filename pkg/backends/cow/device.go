@@ -47,10 +47,11 @@ var _ backends.Resizer = (*Device)(nil)
 // Open puts an overlay configured by c (c.Dir set) over origin. On error
 // origin is left open.
 func Open(_ context.Context, origin backends.Device, c Config) (*Device, error) {
-	if err := os.MkdirAll(c.Dir, 0o700); err != nil {
-		return nil, fmt.Errorf("option %q: %w", keyDir, err)
+	lock, err := backends.LockFilterDir(c.Dir, keyDir, "overlay")
+	if err != nil {
+		return nil, err
 	}
-	d := &Device{origin: origin, bs: c.Block, persist: c.Persist, dir: c.Dir, size: origin.Size()}
+	d := &Device{lock: lock, origin: origin, bs: c.Block, persist: c.Persist, dir: c.Dir, size: origin.Size()}
 	for uint64(1)<<d.shift < d.bs {
 		d.shift++
 	}
@@ -60,13 +61,6 @@ func Open(_ context.Context, origin backends.Device, c Config) (*Device, error) 
 			d.closeFiles()
 		}
 	}()
-	var err error
-	if d.lock, err = os.OpenFile(filepath.Join(c.Dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600); err != nil {
-		return nil, fmt.Errorf("option %q: %w", keyDir, err)
-	}
-	if err := unix.Flock(int(d.lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		return nil, fmt.Errorf("option %q: overlay directory %s is in use by another process: %w", keyDir, c.Dir, err)
-	}
 	nblocks := (d.size + d.bs - 1) >> d.shift
 	d.present, d.zero = newBitset(nblocks), newBitset(nblocks)
 	flags := os.O_RDWR | os.O_CREATE
@@ -436,18 +430,11 @@ func (d *Device) Extents(ctx context.Context, off, length uint64, add func(backe
 			m.Emit(hi-lo, backends.ExtentHole|backends.ExtentZero)
 			return nil
 		}
-		pos := lo
-		err := d.origin.Extents(ctx, lo, hi-lo, func(e backends.Extent) {
-			if pos < hi && e.Length > 0 {
-				n := min(e.Length, hi-pos)
-				m.Emit(n, e.Flags)
-				pos += n
-			}
-		})
+		n, err := backends.ClipExtents(ctx, d.origin, lo, hi-lo, m.Emit)
 		if err != nil {
 			return err
 		}
-		if pos < hi {
+		if n < hi-lo {
 			return errStop // the origin stopped early: so do we
 		}
 		return nil
@@ -468,17 +455,8 @@ func (d *Device) Cache(ctx context.Context, off, length uint64) error {
 func (d *Device) Resize(ctx context.Context, size uint64) error {
 	d.sizeMu.Lock()
 	defer d.sizeMu.Unlock()
-	if size == d.size {
-		return nil
-	}
-	if size < d.size {
-		return fmt.Errorf("cow: shrinking from %d to %d: %w", d.size, size, backends.ErrInvalid)
-	}
-	if err := backends.Resize(ctx, d.origin, size); err != nil {
+	if grew, err := backends.GrowFilter(ctx, d.origin, d.f, d.size, size, "cow", "overlay file"); !grew {
 		return err
-	}
-	if err := d.f.Truncate(int64(size)); err != nil {
-		return fmt.Errorf("overlay file: %w", err)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
