@@ -194,7 +194,7 @@ func (a *nodeAttacher) SetLimits(volumeID string, l limits.Limits) error {
 	if !ok {
 		return errors.New("the volume has no rate filter (created without rate limits and without --rate-always)")
 	}
-	if err := rd.SetLimits(rate.Limits(l)); err != nil {
+	if err := rd.SetLimits(l); err != nil {
 		return err
 	}
 	metrics.SetLimits(a.labels(id), l)

@@ -215,12 +215,7 @@ func blameParam(err error, params, opts map[string]string, u string) error {
 		}
 		return fmt.Errorf("invalid volume: %w", berr)
 	}
-	keys := make([]string, 0, len(optionParams))
-	for k := range optionParams {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	for _, param := range keys {
+	for _, param := range slices.Sorted(maps.Keys(optionParams)) {
 		v, ok := params[param]
 		if !ok {
 			continue
