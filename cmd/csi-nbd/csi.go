@@ -17,8 +17,8 @@ import (
 	"k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
 
-	_ "github.com/csi-nbd/csi-nbd/pkg/backends/all"
 	"github.com/csi-nbd/csi-nbd/pkg/attach"
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/all"
 	"github.com/csi-nbd/csi-nbd/pkg/driver"
 	"github.com/csi-nbd/csi-nbd/pkg/kube"
 	"github.com/csi-nbd/csi-nbd/pkg/metrics"
