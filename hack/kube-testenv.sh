@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Builds etcd and kube-apiserver from the Go module proxy (no release
-# downloads are possible here) into a per-version cache, once per machine:
-#   $KUBE_CACHE/<k8s version>/bin/{etcd,kube-apiserver}
+# Builds Kubernetes binaries from the Go module proxy (no release downloads
+# are possible here) into a per-version cache, once per machine:
+#   $KUBE_CACHE/<k8s version>/bin/{etcd,kube-apiserver,...}
+#   hack/kube-testenv.sh            etcd and kube-apiserver (the Go tests' API server)
+#   hack/kube-testenv.sh cluster    also kube-controller-manager, kube-scheduler,
+#                                   kubelet and kubectl (test/e2e's cluster)
 # Tests that need a real API server look there (KUBE_TESTENV_BIN overrides).
-# It costs ~15 CPU-minutes the first time; later runs return at once.
+# The first build costs ~15 CPU-minutes (etcd, apiserver) plus ~20 for the
+# cluster's; later runs return at once.
 set -euo pipefail
 K8S_VERSION=${K8S_VERSION:-v1.34.4}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.8}
@@ -26,8 +30,17 @@ EOM
   echo "package tools" > "$dir/tools.go"
 }
 
-if [ ! -x "$out/kube-apiserver" ]; then
-  echo "building kube-apiserver $K8S_VERSION (once per machine)" >&2
+want=(kube-apiserver)
+if [ "${1:-}" = cluster ]; then
+  want+=(kube-controller-manager kube-scheduler kubelet kubectl)
+fi
+missing=()
+for b in "${want[@]}"; do
+  [ -x "$out/$b" ] || missing+=("$b")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "building ${missing[*]} $K8S_VERSION (once per machine)" >&2
   w=$(mktemp -d)
   gomod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
   replaces=()
@@ -35,9 +48,14 @@ if [ ! -x "$out/kube-apiserver" ]; then
     replaces+=("replace $m => $m v0.$staging_minor")
   done
   build_wrapper "$w" k8s.io/kubernetes "$K8S_VERSION" "${replaces[@]}"
-  (cd "$w" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -o "$out/kube-apiserver" \
+  pkgs=()
+  for b in "${missing[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
+  # One go build for all of them shares the compilation of common packages;
+  # -o into a directory writes each command under its own name.
+  (cd "$w" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -o "$w/bin/" \
      -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${staging_minor%%.*}" \
-     k8s.io/kubernetes/cmd/kube-apiserver)
+     "${pkgs[@]}")
+  mv "$w"/bin/* "$out/"
   rm -rf "$w"
 fi
 
