@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 # NBD peers and oracles; servers for the remote backends; what the attach
 # tests and the VM image need (mkfs, losetup, fstrim, busybox).
 apt_pkgs=(nbdkit libnbd-bin python3-libnbd qemu-utils qemu-system-x86 fio nbdkit-plugin-python python3-boto3
-  nginx busybox-static e2fsprogs xfsprogs mount util-linux cpio nbd-client)
+  nginx busybox-static e2fsprogs xfsprogs mount util-linux cpio nbd-client
+  # test/e2e's single-node Kubernetes: node runtime, pod network, base image.
+  containerd runc containernetworking-plugins iptables conntrack debootstrap bc curl)
 
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -7,6 +7,7 @@ package helm_test
 import (
 	"bufio"
 	"bytes"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -589,6 +590,54 @@ volumeSnapshotClass: {create: true}
 		}
 	}
 	r.get(t, "VolumeSnapshotClass", "nbd")
+}
+
+// Without the livenessprobe sidecar, each plugin serves /healthz itself:
+// on healthPort, or on the metrics port when metrics are on.
+func TestNoLivenessSidecar(t *testing.T) {
+	for _, metrics := range []bool{false, true} {
+		r := mustRender(t, fromYAML(t, fmt.Sprintf(`
+controller: {hostNetwork: true, livenessProbe: {sidecar: false}}
+node: {livenessProbe: {sidecar: false}}
+metrics: {enabled: %v}
+`, metrics)))
+		checkInvariants(t, r)
+		dep := r.get(t, "Deployment", "csi-nbd-controller").(*appsv1.Deployment)
+		if !dep.Spec.Template.Spec.HostNetwork || dep.Spec.Template.Spec.DNSPolicy != corev1.DNSClusterFirstWithHostNet {
+			t.Errorf("controller.hostNetwork: hostNetwork %v dnsPolicy %q", dep.Spec.Template.Spec.HostNetwork, dep.Spec.Template.Spec.DNSPolicy)
+		}
+		ds := r.get(t, "DaemonSet", "csi-nbd-node").(*appsv1.DaemonSet)
+		for _, tc := range []struct {
+			spec       corev1.PodSpec
+			addr, port string
+		}{
+			{dep.Spec.Template.Spec, map[bool]string{false: ":9810", true: ":9808"}[metrics], map[bool]string{false: "healthz", true: "metrics"}[metrics]},
+			{ds.Spec.Template.Spec, map[bool]string{false: ":9811", true: ":9809"}[metrics], map[bool]string{false: "healthz", true: "metrics"}[metrics]},
+		} {
+			for _, c := range tc.spec.Containers {
+				if c.Name == "liveness-probe" {
+					t.Errorf("metrics %v: a liveness-probe sidecar is still there", metrics)
+				}
+			}
+			c := container(t, tc.spec, "csi-nbd")
+			if !hasArg(c, "--metrics-address="+tc.addr) {
+				t.Errorf("metrics %v: %q lacks --metrics-address=%s", metrics, c.Args, tc.addr)
+			}
+			if p := c.LivenessProbe.HTTPGet; p == nil || p.Path != "/healthz" || p.Port.StrVal != tc.port {
+				t.Errorf("metrics %v: liveness probe %+v, want /healthz on port %s", metrics, c.LivenessProbe, tc.port)
+			}
+			names := map[string]bool{}
+			for _, p := range c.Ports {
+				if names[p.Name] {
+					t.Errorf("metrics %v: port %s twice", metrics, p.Name)
+				}
+				names[p.Name] = true
+			}
+			if !names[tc.port] {
+				t.Errorf("metrics %v: no container port named %s", metrics, tc.port)
+			}
+		}
+	}
 }
 
 // Before 1.34 there is no storage.k8s.io/v1 VolumeAttributesClass to create.
