@@ -17,7 +17,12 @@ API_PORT=${API_PORT:-6443}
 ETCD_PORT=${ETCD_PORT:-2479}
 SERVICE_IP=10.96.0.1
 POD_CIDR=10.244.0.0/24
-KUBELET_DIR=/var/lib/kubelet
+# Everything the node keeps (the kubelet's directory, the node plugin's and
+# the controller's state) lives under one root that each run starts empty;
+# a kubelet directory other than /var/lib/kubelet also exercises the
+# chart's kubeletDir.
+E2E_ROOT=${E2E_ROOT:-/var/lib/csi-nbd-e2e}
+KUBELET_DIR=$E2E_ROOT/kubelet
 
 start_bg() { # name cmd... : runs a daemon with its log in $E2E_DIR/logs
   local name=$1
@@ -152,7 +157,8 @@ dnat() { # -A or -D : the kubernetes Service → the API server
 }
 
 cluster_up() {
-  rm -rf "$E2E_DIR" && mkdir -p "$E2E_DIR/logs" "$KUBELET_DIR"
+  rm -rf --one-file-system "$E2E_ROOT"
+  mkdir -p "$E2E_DIR/logs" "$KUBELET_DIR"
   : >"$E2E_DIR/pids"
   certs
   for k in admin controller-manager scheduler kubelet-client; do kubeconfig "$k"; done
@@ -229,7 +235,7 @@ cluster_down() {
   while read -r pid name; do kill -9 "$pid" 2>/dev/null || true; done <"$E2E_DIR/pids"
   # Mounts the kubelet and pods left (deepest first), their netns, the
   # Service rules and the bridge.
-  grep -o " $KUBELET_DIR[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  grep -o " $E2E_ROOT/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   grep -o " /run/csi-nbd-e2e[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   for ns in $(ip netns list 2>/dev/null | awk '/^cni-/{print $1}'); do ip netns delete "$ns" 2>/dev/null || true; done
   dnat -D || true

@@ -23,6 +23,7 @@ CONTAINERD_SOCK=/run/csi-nbd-e2e/containerd.sock
 NS=csi-nbd    # the release
 APP=e2e       # the workloads
 mkdir -p "$E2E_CACHE"
+KUBE_BIN=${KUBE_CACHE:-/var/cache/csi-nbd/kube}/${K8S_VERSION:-v1.34.4}/bin
 
 . "$REPO/test/e2e/cluster.sh"
 . "$REPO/test/e2e/images.sh"
@@ -33,19 +34,26 @@ if [ "${1:-}" = down ]; then
 fi
 [ "$(id -u)" -eq 0 ] || { echo "e2e: needs root (mounts, loop devices, containerd)" >&2; exit 1; }
 
-steps=()
 fail() { echo "e2e: $*" >&2; return 1; }
 
-# step NAME FUNC: runs FUNC, records its time and result for the table.
+# step NAME FUNC: runs FUNC in a subshell with errexit on (a function called
+# from an `if` or `||` would run with errexit ignored: a failing command
+# inside would go unnoticed), records its time and result for the table.
+# Steps hand figures to the table with note; they keep state in files.
 step() {
-  local name=$1 t0 rc=0
+  local name=$1 t0 rc
   shift
   echo "== $name"
   t0=$(date +%s.%N)
-  "$@" || rc=$?
-  local dt
-  dt=$(echo "$(date +%s.%N) - $t0" | bc)
-  steps+=("$(printf '%-58s %8.1fs  %s' "$name" "$dt" "$([ $rc -eq 0 ] && echo ok || echo FAILED)")")
+  set +e
+  (
+    set -e
+    "$@"
+  )
+  rc=$?
+  set -e
+  printf '%-58s %8.1fs  %s\n' "$name" "$(echo "$(date +%s.%N) - $t0" | bc)" \
+    "$([ $rc -eq 0 ] && echo ok || echo FAILED)" >>"$E2E_DIR/table"
   if [ $rc -ne 0 ]; then
     diagnose
     exit 1
@@ -53,18 +61,21 @@ step() {
 }
 
 table() {
+  [ -f "$E2E_DIR/table" ] || return 0
   echo
   printf '%-58s %9s  %s\n' step time result
-  printf '%s\n' "${steps[@]}"
-  [ -z "${notes:-}" ] || printf '\n%s' "$notes"
+  cat "$E2E_DIR/table"
+  [ ! -s "$E2E_DIR/notes" ] || { echo; cat "$E2E_DIR/notes"; }
 }
-notes=""
-note() { notes+="$*"$'\n'; echo "   $*"; }
+note() { echo "$*" >>"$E2E_DIR/notes"; echo "   $*"; }
 
 diagnose() {
   echo "---- diagnostics" >&2
   kubectl get pods,pvc,pv,volumeattachments -A -o wide >&2 || true
   kubectl get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -40 >&2 || true
+  # Stuck I/O: processes in D state and FUSE requests the server never took.
+  ps -eo pid,stat,wchan:32,args | awk 'NR == 1 || $2 ~ /^D/' >&2 || true
+  for c in /sys/fs/fuse/connections/*/waiting; do [ -e "$c" ] && echo "$c: $(cat "$c")" >&2; done
   for p in $(kubectl -n "$NS" get pods -o name 2>/dev/null); do
     for c in $(kubectl -n "$NS" get "$p" -o jsonpath='{.spec.containers[*].name}'); do
       echo "-- $p $c" >&2
@@ -77,7 +88,6 @@ diagnose() {
 cleanup() {
   local rc=$?
   table
-  [ -n "${VGW_PID:-}" ] && kill "$VGW_PID" 2>/dev/null
   if [ "${E2E_KEEP:-}" = 1 ]; then
     echo "cluster left up: export KUBECONFIG=$E2E_DIR/admin.kubeconfig; stop it with $0 down"
   else
@@ -89,7 +99,7 @@ cleanup() {
 # ---- steps
 
 build() {
-  KUBE_BIN=$("$REPO/hack/kube-testenv.sh" cluster)
+  "$REPO/hack/kube-testenv.sh" cluster >/dev/null
   "$REPO/test/e2e/build-sidecars.sh" >/dev/null
   rootfs_tar >/dev/null
 }
@@ -102,9 +112,9 @@ S3_SECRET=e2e-secret-key-0123456789
 BUCKET=volumes
 start_s3() {
   mkdir -p "$E2E_DIR/s3"
-  versitygw --port "127.0.0.1:$S3_PORT" --access "$S3_KEY" --secret "$S3_SECRET" --health /health \
-    posix "$E2E_DIR/s3" >"$E2E_DIR/logs/versitygw.log" 2>&1 &
-  VGW_PID=$!
+  # Recorded with the cluster's daemons: cluster_down stops it.
+  start_bg versitygw versitygw --port "127.0.0.1:$S3_PORT" --access "$S3_KEY" --secret "$S3_SECRET" \
+    --health /health posix "$E2E_DIR/s3"
   wait_for 30 versitygw curl -sf "http://127.0.0.1:$S3_PORT/health"
   python3 - "$S3_PORT" "$S3_KEY" "$S3_SECRET" "$BUCKET" <<'EOF'
 import sys, boto3
@@ -131,11 +141,14 @@ helm_install() {
   cat >"$E2E_DIR/values.yaml" <<EOF
 # Images imported into containerd; no livenessprobe sidecar (not buildable
 # here): the plugins serve /healthz themselves.
+kubeletDir: $KUBELET_DIR
 controller:
+  stateVolume: {hostPath: {path: $E2E_ROOT/controller, type: DirectoryOrCreate}}
   # Reaches the S3 gateway on the node's loopback.
   hostNetwork: true
   livenessProbe: {sidecar: false}
 node:
+  stateDir: $E2E_ROOT/node
   livenessProbe: {sidecar: false}
   logLevel: 4
 storageClasses:
@@ -152,6 +165,10 @@ storageClasses:
 EOF
   helm install csi-nbd "$REPO/charts/csi-nbd" -n "$NS" --wait --timeout 3m \
     -f "$REPO/deploy/helm/memory.yaml" -f "$REPO/deploy/helm/local-images.yaml" -f "$E2E_DIR/values.yaml"
+  # The node plugin registers with the kubelet by itself; until it has,
+  # provisioning finds no topology for the node (and retries).
+  wait_for 60 "the node plugin's registration" \
+    bash -c "kubectl get csinode '$NODE_NAME' -o jsonpath='{.spec.drivers[*].name}' | grep -qw csi-nbd.io"
   kubectl create namespace "$APP"
 }
 
@@ -169,17 +186,20 @@ EOF
 }
 
 # pod NAME PVC NODE SCRIPT [READY_FILE]: a pod of the csi-nbd image (it has
-# bash, coreutils, dd) running SCRIPT with the volume on /data. With
-# READY_FILE, the pod is Ready once the script has created that file.
+# bash, coreutils, dd) running SCRIPT with the volume on /data, scheduled to
+# NODE (by the scheduler, which WaitForFirstConsumer volumes need; NODE!
+# binds it there directly). With READY_FILE, the pod is Ready once the
+# script has created that file.
 pod() {
-  local probe=""
+  local probe="" place="nodeSelector: {kubernetes.io/hostname: $3}"
   [ -n "${5:-}" ] && probe="readinessProbe: {exec: {command: [test, -e, $5]}, periodSeconds: 1}"
+  [ "${3%!}" != "$3" ] && place="nodeName: ${3%!}"
   kubectl -n "$APP" apply -f - <<EOF
 apiVersion: v1
 kind: Pod
 metadata: {name: $1}
 spec:
-  nodeName: $3
+  $place
   restartPolicy: Never
   terminationGracePeriodSeconds: 1
   containers:
@@ -251,8 +271,11 @@ kind: Node
 metadata:
   name: e2e-node-2
   labels: {kubernetes.io/hostname: e2e-node-2}
+  # What a kubelet sets: the attach/detach controller handles its volumes.
+  annotations: {volumes.kubernetes.io/controller-managed-attach-detach: "true"}
 EOF
-  pod intruder vol e2e-node-2 'exit 0'
+  # The scheduler would not place a pod on a node that never became Ready.
+  pod intruder vol 'e2e-node-2!' 'exit 0'
   local end=$((SECONDS + 120))
   until kubectl -n "$APP" get events --field-selector involvedObject.name=intruder,reason=FailedAttachVolume \
     -o jsonpath='{.items[*].message}' | grep -q 'Multi-Attach error'; do
@@ -265,7 +288,8 @@ EOF
     fail "a VolumeAttachment for e2e-node-2 exists"
     return 1
   fi
-  kubectl -n "$APP" delete pod intruder --wait=false
+  # No kubelet will confirm that pod's end: remove it by force.
+  kubectl -n "$APP" delete pod intruder --grace-period=0 --force
   kubectl delete node e2e-node-2
 }
 
@@ -287,7 +311,7 @@ expand() {
 # write_rate MiB: O_DIRECT sequential write speed in the pod, bytes/s.
 write_rate() {
   kubectl -n "$APP" exec s3-reader -- bash -c \
-    "dd if=/dev/zero of=/data/rate bs=1M count=$1 oflag=direct 2>&1 | awk '/copied/{print \$(NF-1), \$NF}'" |
+    "dd if=/dev/zero of=/data/rate bs=1M count=$1 oflag=direct conv=fsync 2>&1 | awk '/copied/{print \$(NF-1), \$NF}'" |
     awk '{v=$1; u=$2; m=(u ~ /^kB/)?1e3:(u ~ /^MB/)?1e6:(u ~ /^GB/)?1e9:1; printf "%d\n", v*m}'
 }
 
@@ -353,7 +377,8 @@ delete_pvc() {
   pv=$(kubectl -n "$APP" get pvc vol -o jsonpath='{.spec.volumeName}')
   n=$(bucket_objects)
   [ "$n" -gt 0 ] || { fail "the bucket is empty before deletion"; return 1; }
-  kubectl -n "$APP" delete pvc vol --wait
+  kubectl -n "$APP" delete pods --all --wait
+  kubectl -n "$APP" delete pvc vol --wait --timeout=120s
   kubectl wait --for=delete "pv/$pv" --timeout=120s 2>/dev/null || true
   n=$(bucket_objects)
   [ "$n" -eq 0 ] || { fail "$n objects left in the bucket after the PVC was deleted"; return 1; }
@@ -369,13 +394,15 @@ helm_uninstall() {
     -A -l app.kubernetes.io/instance=csi-nbd -o name 2>/dev/null)
   left+=$(kubectl get csidriver,storageclass,volumeattributesclass -o name | grep -E 'csi-nbd|/nbd' || true)
   left+=$(kubectl get pv,volumeattachments -o name)
-  left+=$(grep ' fuse.csi-nbd' /proc/mounts || true)
-  left+=$(losetup -l -O NAME,BACK-FILE 2>/dev/null | grep csi-nbd || true)
+  left+=$(grep " $E2E_ROOT/" /proc/mounts || true)
+  left+=$(losetup -l -n -O NAME,BACK-FILE 2>/dev/null | grep "$E2E_ROOT/" || true)
   [ -z "$left" ] || { fail "left behind: $left"; return 1; }
 }
 
 trap cleanup EXIT
 cluster_down
+rm -rf "$E2E_DIR" && mkdir -p "$E2E_DIR"
+export PATH=$KUBE_BIN:$PATH KUBECONFIG=$E2E_DIR/admin.kubeconfig
 step "build or reuse cached binaries, sidecars, base image" build
 step "cluster up (etcd, apiserver, kcm, scheduler, kubelet)" cluster_up
 step "images built and imported into containerd" images
