@@ -7,6 +7,7 @@
 # module-to-module replaces. The livenessprobe and node-driver-registrar are
 # not on the proxy: the e2e chart values run without them (csi-nbd serves
 # /healthz and registers with the kubelet itself).
+#   test/e2e/build-sidecars.sh --check   exit 1 when one is not built yet
 set -euo pipefail
 export PATH=$PATH:/usr/local/go/bin
 E2E_CACHE=${E2E_CACHE:-/var/cache/csi-nbd/e2e}
@@ -22,6 +23,12 @@ sidecars=(
 for s in "${sidecars[@]}"; do
   read -r name mod ver <<<"$s"
   bin="$out/$name-$ver"
+  if [ "${1:-}" = --check ]; then
+    [ -x "$bin" ] || exit 1
+    continue
+  fi
+  # $out/NAME is the version this script pins.
+  ln -sfn "$name-$ver" "$out/$name"
   [ -x "$bin" ] && continue
   echo "building $name $ver (once per machine)" >&2
   w=$(mktemp -d)

@@ -28,10 +28,19 @@ KUBE_BIN=${KUBE_CACHE:-/var/cache/csi-nbd/kube}/${K8S_VERSION:-v1.34.4}/bin
 . "$REPO/test/e2e/cluster.sh"
 . "$REPO/test/e2e/images.sh"
 
-if [ "${1:-}" = down ]; then
+case "${1:-}" in
+down)
   cluster_down
   exit 0
-fi
+  ;;
+cached) # exit 0 when everything the run needs is built already
+  for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+    [ -x "$KUBE_BIN/$b" ] || exit 1
+  done
+  "$REPO/test/e2e/build-sidecars.sh" --check && [ -s "$(rootfs_path)" ]
+  exit
+  ;;
+esac
 [ "$(id -u)" -eq 0 ] || { echo "e2e: needs root (mounts, loop devices, containerd)" >&2; exit 1; }
 
 fail() { echo "e2e: $*" >&2; return 1; }

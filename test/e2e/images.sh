@@ -5,11 +5,11 @@
 # rootfs_tar prints a cached tar of a Debian root file system with the
 # packages the Dockerfile's runtime stage installs: debootstrap once per
 # machine (about 40 s), keyed by the package list.
+ROOTFS_PKGS="ca-certificates,e2fsprogs,xfsprogs,util-linux,mount,kmod,fuse3"
+rootfs_path() { echo "$E2E_CACHE/rootfs-$(echo "bookworm minbase $ROOTFS_PKGS" | sha256sum | cut -c1-12).tar"; }
 rootfs_tar() {
-  local pkgs="ca-certificates,e2fsprogs,xfsprogs,util-linux,mount,kmod,fuse3"
-  local key
-  key=$(echo "bookworm minbase $pkgs" | sha256sum | cut -c1-12)
-  local tarball="$E2E_CACHE/rootfs-$key.tar"
+  local pkgs=$ROOTFS_PKGS tarball
+  tarball=$(rootfs_path)
   if [ ! -s "$tarball" ]; then
     echo "debootstrap of the image's Debian (once per machine)" >&2
     local d
@@ -74,7 +74,7 @@ build_images() {
   local sidecars
   sidecars=$("$REPO/test/e2e/build-sidecars.sh")
   for s in csi-provisioner csi-attacher csi-resizer; do
-    binary_layer "$work/$s.layer" "$(ls "$sidecars/$s"-v* | sort -V | tail -1)" "/$s"
+    binary_layer "$work/$s.layer" "$sidecars/$s" "/$s"
     make_image "localhost/$s:dev" "[\"/$s\"]" "$work/$s.tar" "$work/$s.layer"
   done
   for t in "$work"/*.tar; do
