@@ -32,7 +32,7 @@ for s in "${sidecars[@]}"; do
   [ -x "$bin" ] && continue
   echo "building $name $ver (once per machine)" >&2
   w=$(mktemp -d)
-  gomod=$(GOFLAGS= go mod download -json "$mod@$ver" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  gomod=$(GOFLAGS="" go mod download -json "$mod@$ver" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
   {
     echo "module csi-nbd.local/e2e-sidecar"
     grep -m1 '^go ' "$gomod"
