@@ -92,10 +92,27 @@ func startBG(t *testing.T, env []string, name string, args ...string) *bgProcess
 	go func() { p.waited <- p.cmd.Wait() }()
 	t.Cleanup(func() {
 		p.cmd.Process.Kill()
-		<-p.waited
-		p.waited <- nil
+		select {
+		case <-p.waited:
+			p.waited <- nil
+		case <-time.After(30 * time.Second):
+			t.Errorf("%s does not exit after SIGKILL (stuck in the kernel?): %s", p.cmd.Args, kernelStacks(p.cmd.Process.Pid))
+		}
 	})
 	return p
+}
+
+// kernelStacks is where pid's threads wait in the kernel, for diagnosing
+// hangs.
+func kernelStacks(pid int) string {
+	var b strings.Builder
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*", pid))
+	for _, task := range tasks {
+		st, _ := os.ReadFile(filepath.Join(task, "stack"))
+		wchan, _ := os.ReadFile(filepath.Join(task, "wchan"))
+		fmt.Fprintf(&b, "\n%s (%s):\n%s", task, wchan, st)
+	}
+	return b.String()
 }
 
 // firstLine reads the first line the process prints, or fails with its
@@ -139,11 +156,29 @@ func TestAttachFuseLoopSurvivesSIGKILL(t *testing.T) {
 	img := filepath.Join(tmp, "disk.img")
 	spec := "size=256Mi;file://" + img
 
-	store := startBG(t, nil, bin, "fdstore", "--socket", sock)
+	// A hang (I/O nobody serves) would otherwise wait for the test
+	// binary's timeout, and leave only Go stacks: say where the
+	// processes wait in the kernel first.
+	var watched sync.Map // pid → name
+	watchdog := time.AfterFunc(4*time.Minute, func() {
+		var b strings.Builder
+		watched.Range(func(k, v any) bool {
+			fmt.Fprintf(&b, "\n== %s (pid %d)%s", v, k, kernelStacks(k.(int)))
+			return true
+		})
+		panic("TestAttachFuseLoopSurvivesSIGKILL hangs; kernel stacks:" + b.String())
+	})
+	defer watchdog.Stop()
+	watch := func(p *bgProcess, name string) *bgProcess {
+		watched.Store(p.cmd.Process.Pid, name)
+		return p
+	}
+
+	store := watch(startBG(t, nil, bin, "fdstore", "--socket", sock), "fdstore")
 	waitFor(t, "the fd store's socket", func() bool { _, err := os.Stat(sock); return err == nil })
 
 	attachArgs := []string{"attach", "--fallback", "always", "--fd-store", sock, "--state-dir", state}
-	server := startBG(t, nil, bin, append(attachArgs, "--id", "vol", spec)...)
+	server := watch(startBG(t, nil, bin, append(attachArgs, "--id", "vol", spec)...), "attach")
 	dev := server.firstLine(t, bufio.NewReader(server.stdout))
 	if !strings.HasPrefix(dev, "/dev/loop") {
 		t.Fatalf("attach printed %q", dev)
@@ -164,7 +199,7 @@ func TestAttachFuseLoopSurvivesSIGKILL(t *testing.T) {
 	}()
 
 	// The application.
-	writer := startBG(t, []string{"CSI_NBD_TEST_WRITER=" + mnt}, os.Args[0], "-test.run=^$")
+	writer := watch(startBG(t, []string{"CSI_NBD_TEST_WRITER=" + mnt}, os.Args[0], "-test.run=^$"), "writer")
 	var (
 		mu     sync.Mutex
 		synced = map[string]string{}
@@ -210,7 +245,7 @@ func TestAttachFuseLoopSurvivesSIGKILL(t *testing.T) {
 		stalled := count()
 
 		start := time.Now()
-		server = startBG(t, nil, bin, append(attachArgs, "--resume")...)
+		server = watch(startBG(t, nil, bin, append(attachArgs, "--resume")...), fmt.Sprintf("attach --resume #%d", round))
 		if got := server.firstLine(t, bufio.NewReader(server.stdout)); got != dev {
 			t.Fatalf("round %d: resumed %q, want %s", round, got, dev)
 		}

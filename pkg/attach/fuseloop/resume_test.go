@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/csi-nbd/csi-nbd/internal/testserver"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 )
@@ -195,5 +197,61 @@ func TestResumeInProcess(t *testing.T) {
 	case <-cur.Done():
 		t.Fatalf("attachment ended: %v", cur.Err())
 	default:
+	}
+}
+
+// Readers start one at a time as the others get busy and stop when
+// enough wait: under a load of small direct I/O their number stays near
+// the requests in flight. (A reader started but not yet scheduled once
+// did not count as waiting, and every read started another: thousands
+// of threads within seconds.)
+func TestReadersStayBounded(t *testing.T) {
+	requireFuseLoop(t)
+	dev := openMemory(t, "size=64Mi;memory:readers")
+	a := attach(t, dev, Config{Name: "disk", Dir: filepath.Join(t.TempDir(), "vol"), BlockSize: 4096})
+	f, err := os.OpenFile(a.Path(), os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	const workers = 16
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := alignedBlock(4096)
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				off := int64((w*7919+i*104729)%16384) * 4096
+				var err error
+				if i%2 == 0 {
+					_, err = f.WriteAt(buf, off)
+				} else {
+					_, err = f.ReadAt(buf, off)
+				}
+				if err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	most := int32(0)
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) {
+		most = max(most, a.srv.readers.Load())
+		time.Sleep(time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	t.Logf("at most %d readers for %d concurrent requests", most, workers)
+	if most > workers+maxIdle+2 {
+		t.Errorf("%d readers for %d requests in flight", most, workers)
 	}
 }

@@ -23,6 +23,10 @@ const (
 	// none is left waiting, so there are as many goroutines as requests
 	// in flight, plus up to maxIdle.
 	maxIdle = 2
+	// maxReaders bounds the readers, and so the requests served at once:
+	// the kernel sends at most max_background asynchronous requests,
+	// plus synchronous ones (few here).
+	maxReaders = 2 * maxBackground
 
 	opInit         = 26 // FUSE_INIT
 	inHeaderSize   = 40 // struct fuse_in_header
@@ -43,7 +47,8 @@ type server struct {
 	dir string // the mount point, for waking readers (stop)
 
 	readerWG sync.WaitGroup
-	idle     atomic.Int32 // readers waiting in read(2)
+	readers  atomic.Int32 // reader goroutines
+	idle     atomic.Int32 // readers waiting in read(2), or about to
 	stopping atomic.Bool
 	// abandoned makes answers be dropped: a simulated crash (tests).
 	abandoned atomic.Bool
@@ -93,12 +98,24 @@ func newServer(fd int, fs *volumeFS, dir string) (*server, error) {
 }
 
 func (s *server) start() {
-	s.readerWG.Add(1)
-	go s.reader()
+	s.spawn()
 	go func() {
 		s.readerWG.Wait()
 		close(s.done)
 	}()
+}
+
+// spawn starts a reader, counted as waiting from now on: a reader that
+// has been started but has not run yet must stop others from starting
+// more (they would, one per request, while the scheduler is behind).
+func (s *server) spawn() {
+	if s.readers.Add(1) > maxReaders {
+		s.readers.Add(-1)
+		return
+	}
+	s.idle.Add(1)
+	s.readerWG.Add(1)
+	go s.reader()
 }
 
 func (s *server) end(err error) {
@@ -106,22 +123,27 @@ func (s *server) end(err error) {
 }
 
 // reader reads and serves requests until the connection ends (ENODEV:
-// unmounted or aborted), stop, or enough others wait.
+// unmounted or aborted), stop, or enough others wait. It is counted in
+// idle whenever it is not serving.
 func (s *server) reader() {
 	defer s.readerWG.Done()
+	defer s.readers.Add(-1)
 	buf := s.getBuf()
 	defer s.putBuf(buf)
-	for !s.stopping.Load() {
-		s.idle.Add(1)
+	for {
+		if s.stopping.Load() {
+			s.idle.Add(-1)
+			return
+		}
 		n, err := unix.Read(s.fd, buf)
 		if s.idle.Add(-1) == 0 && err == nil && !s.stopping.Load() {
-			s.readerWG.Add(1)
-			go s.reader()
+			s.spawn()
 		}
 		switch {
 		case err == nil:
 		case errors.Is(err, unix.EINTR), errors.Is(err, unix.ENOENT):
 			// ENOENT: the request was interrupted before we got it.
+			s.idle.Add(1)
 			continue
 		case errors.Is(err, unix.ENODEV):
 			s.end(errors.New("unmounted or aborted"))
@@ -131,26 +153,26 @@ func (s *server) reader() {
 			klog.ErrorS(err, "fuseloop: reading FUSE requests")
 			return
 		}
-		if n < inHeaderSize {
-			continue
-		}
-		init := binary.LittleEndian.Uint32(buf[4:8]) == opInit
-		if init {
-			s.initMu.Lock()
-			s.initReq = append([]byte(nil), buf[:n]...)
-			s.initMu.Unlock()
-		}
-		s.serve(buf, n)
-		if init {
-			select {
-			case <-s.initDone:
-			default:
-				close(s.initDone)
+		if n >= inHeaderSize {
+			init := binary.LittleEndian.Uint32(buf[4:8]) == opInit
+			if init {
+				s.initMu.Lock()
+				s.initReq = append([]byte(nil), buf[:n]...)
+				s.initMu.Unlock()
+			}
+			s.serve(buf, n)
+			if init {
+				select {
+				case <-s.initDone:
+				default:
+					close(s.initDone)
+				}
 			}
 		}
 		if s.idle.Load() >= maxIdle {
 			return
 		}
+		s.idle.Add(1)
 	}
 }
 
