@@ -68,7 +68,6 @@ type server struct {
 	firstSeen atomic.Bool
 
 	bufs     chan []byte // free request buffers
-	pipes    chan *pipe  // free pipes for replies
 	shutOnce sync.Once
 }
 
@@ -93,7 +92,6 @@ func newServer(fd int, fs *volumeFS, dir string) (*server, error) {
 		Logger:            klog.NewStandardLogger("WARNING"),
 	})
 	s.bufs = make(chan []byte, maxBackground+2*maxIdle)
-	s.pipes = make(chan *pipe, maxBackground+2*maxIdle)
 	return s, nil
 }
 
@@ -217,76 +215,10 @@ func (s *server) serve(buf []byte, n int) {
 	}
 }
 
-// spliceMin is the smallest reply sent through a pipe: a write(2) of a
-// large reply makes the kernel pin our buffer page by page
-// (fuse_copy_fill), which costs more than a vmsplice and a splice.
-const spliceMin = 32 << 10
-
-// reply writes one reply. Large ones go through a pipe: vmsplice lends the
-// buffer's pages to the pipe and splice moves them to /dev/fuse, where
-// the kernel copies them out of the pipe before splice returns, so the
-// buffer can be reused at once.
+// reply writes one reply.
 func (s *server) reply(b []byte) error {
-	if len(b) < spliceMin {
-		_, err := unix.Write(s.fd, b)
-		return err
-	}
-	p := s.getPipe()
-	if p == nil {
-		_, err := unix.Write(s.fd, b)
-		return err
-	}
-	n, err := unix.Vmsplice(p.w, []unix.Iovec{{Base: &b[0], Len: uint64(len(b))}}, 0)
-	if err != nil || n != len(b) {
-		// Cannot happen with a pipe as large as a buffer; never mind.
-		p.close()
-		_, err := unix.Write(s.fd, b)
-		return err
-	}
-	m, err := unix.Splice(p.r, nil, s.fd, nil, len(b), 0)
-	if err != nil || int(m) != len(b) {
-		p.close() // it may hold what was not sent
-		if err == nil {
-			err = fmt.Errorf("spliced %d of %d bytes", m, len(b))
-		}
-		return err
-	}
-	s.putPipe(p)
-	return nil
-}
-
-type pipe struct{ r, w int }
-
-func (p *pipe) close() {
-	unix.Close(p.r)
-	unix.Close(p.w)
-}
-
-// getPipe returns an empty pipe that holds a whole reply, or nil.
-func (s *server) getPipe() *pipe {
-	select {
-	case p := <-s.pipes:
-		return p
-	default:
-	}
-	var fds [2]int
-	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC); err != nil {
-		return nil
-	}
-	p := &pipe{r: fds[0], w: fds[1]}
-	if sz, err := unix.FcntlInt(uintptr(p.w), unix.F_SETPIPE_SZ, bufSize); err != nil || sz < bufSize {
-		p.close()
-		return nil
-	}
-	return p
-}
-
-func (s *server) putPipe(p *pipe) {
-	select {
-	case s.pipes <- p:
-	default:
-		p.close()
-	}
+	_, err := unix.Write(s.fd, b)
+	return err
 }
 
 // initRequest is a copy of the INIT request the kernel sent.
@@ -370,14 +302,6 @@ func (s *server) stop() {
 // close releases our descriptors; call after stop.
 func (s *server) close() {
 	unix.Close(s.fd)
-	for {
-		select {
-		case p := <-s.pipes:
-			p.close()
-		default:
-			return
-		}
-	}
 }
 
 // shutdown is stop and close, once.
