@@ -22,7 +22,7 @@ import (
 const defaultAttachStateDir = "/run/csi-nbd/attach"
 
 const attachUsage = `Usage: csi-nbd attach [OPTIONS] SPEC
-       csi-nbd attach --resume [--state-dir DIR]
+       csi-nbd attach --resume [--state-dir DIR] [--fd-store PATH]
 
 Attaches the volume SPEC as a local block device served by this process:
 /dev/nbdN through the kernel's nbd driver, or /dev/loopN over a FUSE file
@@ -30,7 +30,10 @@ where the kernel has no nbd (--fallback). Prints the device path as the
 first line on stdout, then serves in the foreground until the device is
 detached (csi-nbd detach DEVICE) or SIGTERM, which flushes and detaches.
 SIGUSR1 stops serving WITHOUT detaching: the kernel holds I/O for
---dead-conn-timeout while 'csi-nbd attach --resume' takes over.
+--dead-conn-timeout while 'csi-nbd attach --resume' takes over. A FUSE+loop
+device survives that (and a crash) only with --fd-store: a 'csi-nbd
+fdstore' process keeps its /dev/fuse connection, and I/O waits until
+--resume serves it again.
 
 --resume re-serves every volume recorded in --state-dir (after a crash or
 SIGUSR1), printing each device path as it is re-served.
@@ -45,6 +48,7 @@ type attachOptions struct {
 	id         string
 	resume     bool
 	mlock      bool
+	fdStore    string
 }
 
 func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -59,6 +63,7 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs.StringVar(&o.secretsDir, "secrets-dir", "", "directory of backend credentials, one file per key")
 	fs.StringVar(&o.id, "id", "", "volume ID (the kernel's backend identifier); default derived from SPEC")
 	fs.BoolVar(&o.resume, "resume", false, "re-serve every volume recorded in --state-dir")
+	fs.StringVar(&o.fdStore, "fd-store", "", "socket of a 'csi-nbd fdstore' keeping FUSE+loop connections: they then survive a crash or SIGUSR1 of this process until --resume")
 	fs.BoolVar(&o.mlock, "mlock", false, "lock the process's memory (mlockall) so serving never waits on swap")
 	addLogFlags(fs)
 	if help, err := parseFlags(fs, args, stdout); help || err != nil {
@@ -98,6 +103,7 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
+	m.FDStore = o.fdStore
 	// Attaching is not interrupted by SIGTERM half-way: the signal is
 	// acted on once serving.
 	opCtx := context.WithoutCancel(ctx)
@@ -192,6 +198,7 @@ Options:
 func runDetach(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("detach", stderr, "%s", detachUsage)
 	stateDir := fs.String("state-dir", defaultAttachStateDir, "directory recording attached volumes")
+	fdStore := fs.String("fd-store", "", "the fd store the volume was attached with, if any (to release what it keeps)")
 	wait := fs.Duration("timeout", 2*time.Minute, "how long to wait for the serving process to detach")
 	if help, err := parseFlags(fs, args, stdout); help || err != nil {
 		return err
@@ -230,6 +237,7 @@ func runDetach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		if err != nil {
 			return err
 		}
+		m.FDStore = *fdStore
 		defer m.Close()
 		return m.Detach(dctx, id)
 	}

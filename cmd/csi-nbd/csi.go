@@ -159,6 +159,7 @@ type attachFlags struct {
 	timeout         time.Duration
 	deadConnTimeout time.Duration
 	fallback        string
+	fdStore         string
 }
 
 func (a *attachFlags) register(fs *flag.FlagSet) {
@@ -166,6 +167,7 @@ func (a *attachFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&a.timeout, "timeout", 30*time.Second, "kernel request timeout: requests in flight are requeued after it")
 	fs.DurationVar(&a.deadConnTimeout, "dead-conn-timeout", 10*time.Minute, "how long the kernel holds I/O for a restarted server to reconnect")
 	fs.StringVar(&a.fallback, "fallback", attach.FallbackAuto, "FUSE+loop fallback when the kernel has no nbd: auto, never or always")
+	fs.StringVar(&a.fdStore, "fd-store", "", "socket of a 'csi-nbd fdstore' that outlives this process: FUSE+loop volumes then survive its restart")
 }
 
 func (a attachFlags) check() error {

@@ -52,6 +52,7 @@ func newNodeAttacher(stateDir, nodeID string, f attachFlags) (*nodeAttacher, err
 	if err != nil {
 		return nil, err
 	}
+	m.FDStore = f.fdStore
 	a := &nodeAttacher{m: m, o: attach.Options{
 		Connections: f.connections, Timeout: f.timeout, DeadConnTimeout: f.deadConnTimeout, Fallback: f.fallback,
 	}, ctxDir: filepath.Join(stateDir, "contexts"), contexts: map[string]map[string]string{}}

@@ -25,9 +25,10 @@ type command struct {
 }
 
 var commands = map[string]command{
-	"serve":  {"serve volumes to any NBD client over TCP or unix sockets", runServe},
-	"attach": {"attach a volume as a local block device (/dev/nbdN) and serve it", runAttach},
-	"detach": {"detach a device attached by csi-nbd attach", runDetach},
+	"serve":   {"serve volumes to any NBD client over TCP or unix sockets", runServe},
+	"attach":  {"attach a volume as a local block device (/dev/nbdN) and serve it", runAttach},
+	"detach":  {"detach a device attached by csi-nbd attach", runDetach},
+	"fdstore": {"keep /dev/fuse descriptors so FUSE+loop volumes survive a restart of their server", runFDStore},
 }
 
 func main() {

@@ -35,6 +35,9 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	if dir := os.Getenv("CSI_NBD_TEST_WRITER"); dir != "" {
+		os.Exit(runTestWriter(dir)) // a helper process, see fuseloop_resume_e2e_test.go
+	}
 	code := m.Run()
 	if binDir != "" {
 		os.RemoveAll(binDir)

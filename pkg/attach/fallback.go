@@ -2,6 +2,7 @@ package attach
 
 import (
 	"context"
+	"os"
 
 	"github.com/csi-nbd/csi-nbd/pkg/attach/fuseloop"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
@@ -14,6 +15,8 @@ type loopFallback interface {
 	// Available is nil when /dev/fuse and /dev/loop-control are usable.
 	Available() error
 	Attach(ctx context.Context, dev backends.Device, cfg fuseloop.Config) (loopAttachment, error)
+	// Resume serves an attachment of a dead process again (fuseloop.Resume).
+	Resume(ctx context.Context, dev backends.Device, cfg fuseloop.Config, st fuseloop.ResumeState) (loopAttachment, error)
 	// CleanupStale detaches loops and unmounts FUSE file systems left
 	// under dir by a process that died.
 	CleanupStale(dir string) error
@@ -25,6 +28,11 @@ type loopAttachment interface {
 	Resize(ctx context.Context, size uint64) error
 	Detach(ctx context.Context) error // does not close the device
 	Done() <-chan struct{}
+	// Stop ends serving without detaching, for a successor's Resume.
+	Stop()
+	FuseFD() (*os.File, error)
+	LoopFD() (*os.File, error)
+	InitRequest() []byte
 }
 
 var _ loopAttachment = (*fuseloop.Attachment)(nil)
@@ -38,6 +46,14 @@ func (fuseloopAdapter) Attach(ctx context.Context, dev backends.Device, cfg fuse
 	a, err := fuseloop.Attach(ctx, dev, cfg)
 	if err != nil {
 		return nil, err // not a typed nil in the interface
+	}
+	return a, nil
+}
+
+func (fuseloopAdapter) Resume(ctx context.Context, dev backends.Device, cfg fuseloop.Config, st fuseloop.ResumeState) (loopAttachment, error) {
+	a, err := fuseloop.Resume(ctx, dev, cfg, st)
+	if err != nil {
+		return nil, err
 	}
 	return a, nil
 }

@@ -26,7 +26,6 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
-	"github.com/csi-nbd/csi-nbd/pkg/attach/fuseloop"
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
 	"github.com/csi-nbd/csi-nbd/pkg/nbd"
 	"github.com/csi-nbd/csi-nbd/pkg/nbd/netlink"
@@ -123,6 +122,14 @@ type Manager struct {
 	// result is what is served and what Device returns.
 	WrapDevice func(id string, dev backends.Device) backends.Device
 
+	// FDStore, if set before the first Attach or Resume, is the socket
+	// of an fd store (csi-nbd fdstore, package fdstore) that outlives
+	// this process. FUSE+loop attachments then put their /dev/fuse and
+	// loop descriptors there, Resume serves them again in place, and
+	// Close leaves them attached for the next process, as it does nbd
+	// devices. Without it a FUSE+loop attachment dies with its server.
+	FDStore string
+
 	openKernel func(context.Context) (kernel, error)
 	loop       loopFallback
 
@@ -148,6 +155,8 @@ type volume struct {
 	srv  *nbd.Server
 	exp  *nbd.Export
 	loop loopAttachment
+	// kept: the fd store holds the FUSE+loop attachment's descriptors.
+	kept bool
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -505,33 +514,27 @@ func (m *Manager) cleanupLoop(id string) error {
 }
 
 func (m *Manager) attachLoop(ctx context.Context, v *volume, secrets map[string]string) error {
-	dir := m.fuseDir(v.rec.ID)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("attach: %w", err)
-	}
-	bs, err := blockSize(v.dev.Caps())
+	cfg, err := m.loopConfig(v.rec.ID, v.dev, v.rec.Options)
 	if err != nil {
 		return fmt.Errorf("attach: %w", err)
 	}
-	a, err := m.loop.Attach(ctx, v.dev, fuseloop.Config{Name: "volume", Dir: dir, ReadOnly: v.rec.Options.ReadOnly, BlockSize: uint32(bs)})
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return fmt.Errorf("attach: %w", err)
+	}
+	a, err := m.loop.Attach(ctx, v.dev, cfg)
 	if err != nil {
 		return fmt.Errorf("attach: FUSE+loop fallback: %w", err)
 	}
 	v.loop = a
 	v.rec.Path = a.Path()
+	if m.FDStore != "" {
+		v.rec.FuseInit = a.InitRequest()
+	}
 	if err := m.st.save(v.rec, secrets); err != nil {
 		return errors.Join(err, a.Detach(ctx))
 	}
-	go func() {
-		select {
-		case <-a.Done():
-			if !v.detaching.Load() {
-				klog.InfoS("attach: loop device went away underneath us", "volume", v.rec.ID, "device", v.rec.Path)
-				v.setErr(errors.New("the loop device or its FUSE file went away"))
-			}
-		case <-v.gone:
-		}
-	}()
+	v.kept = m.keep(ctx, v.rec.ID, a)
+	m.watchAttachment(v, a)
 	return nil
 }
 
@@ -601,8 +604,19 @@ func (m *Manager) Detach(ctx context.Context, id string) error {
 		}
 		m.stopServing(v)
 	case KindFuseLoop:
+		// The store's copy of the loop descriptor would keep the loop
+		// attached (AUTOCLEAR acts on the last close): let go of it
+		// first, and keep it again if the loop stays.
+		if v.kept {
+			m.unkeepLoop(ctx, id)
+		}
 		if err := v.loop.Detach(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("attach: detach %s: %w", v.rec.Path, err))
+			if v.kept {
+				m.rekeepLoop(ctx, id, v.loop)
+			}
+		} else {
+			m.unkeep(ctx, id)
 		}
 		v.cancel()
 	}
@@ -658,6 +672,9 @@ func (m *Manager) detachRecorded(ctx context.Context, id string) error {
 			}
 		}
 	case KindFuseLoop:
+		// The store's descriptors go first: they keep the loop
+		// attached and the FUSE connection up.
+		m.unkeep(ctx, id)
 		if err := m.cleanupLoop(id); err != nil {
 			return err
 		}
@@ -693,8 +710,19 @@ func (m *Manager) resumeOne(ctx context.Context, r record) (Volume, error) {
 		return v.info(), nil
 	}
 	if r.Kind == KindFuseLoop {
-		return Volume{}, errors.Join(errors.New("a FUSE+loop attachment does not survive its server; cleaned up"),
-			m.cleanupLoop(r.ID), m.st.remove(r.ID))
+		vol, err := m.resumeLoop(ctx, r)
+		if err == nil {
+			m.startWatch()
+			return vol, nil
+		}
+		why := "a FUSE+loop attachment does not survive its server without an fd store (--fd-store)"
+		if m.FDStore != "" {
+			why = fmt.Sprintf("cannot resume the FUSE+loop attachment in place (%v)", err)
+		}
+		klog.ErrorS(err, "attach: FUSE+loop volume lost: cleaning up; I/O on its device fails",
+			"volume", r.ID, "device", r.Path, "fdStore", m.FDStore)
+		m.unkeep(ctx, r.ID)
+		return Volume{}, errors.Join(errors.New(why+"; cleaned up"), m.cleanupLoop(r.ID), m.st.remove(r.ID))
 	}
 	k, err := m.kernel(ctx)
 	if err != nil {
@@ -871,8 +899,10 @@ func (m *Manager) Done(id string) <-chan struct{} {
 }
 
 // Close stops serving without detaching: nbd devices keep their queued
-// requests for DeadConnTimeout, waiting for a Resume by the next process.
-// FUSE+loop attachments cannot outlive their server and are detached.
+// requests for DeadConnTimeout, waiting for a Resume by the next process;
+// FUSE+loop attachments whose descriptors the fd store holds (FDStore)
+// queue their requests until then. Other FUSE+loop attachments cannot
+// outlive their server and are detached.
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	m.closed = true
@@ -884,14 +914,19 @@ func (m *Manager) Close() error {
 	m.stopWatch()
 	var errs []error
 	for _, v := range vols {
-		if v.rec.Kind == KindFuseLoop {
+		if v.rec.Kind == KindFuseLoop && !v.kept {
 			errs = append(errs, m.Detach(context.Background(), v.rec.ID))
 			continue
 		}
 		if !v.detaching.CompareAndSwap(false, true) {
 			continue
 		}
-		m.stopServing(v)
+		if v.rec.Kind == KindFuseLoop {
+			v.loop.Stop()
+			v.cancel()
+		} else {
+			m.stopServing(v)
+		}
 		if err := v.dev.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("attach: close volume %q: %w", v.rec.ID, err))
 		}

@@ -26,6 +26,9 @@ type record struct {
 	Options Options `json:"options"`
 	// PID is the process serving the volume, for `csi-nbd detach`.
 	PID int `json:"pid,omitempty"`
+	// FuseInit is the FUSE_INIT request of a FUSE+loop attachment, which
+	// a successor replays to resume the connection (fuseloop.Resume).
+	FuseInit []byte `json:"fuseInit,omitempty"`
 	// HasSecrets says a secrets file exists for the volume.
 	HasSecrets bool `json:"hasSecrets,omitempty"`
 }

@@ -771,3 +771,54 @@ func TestExamples(t *testing.T) {
 		})
 	}
 }
+
+// The node pod's fd store: a second container sharing a socket directory
+// with the plugin, which points --fd-store at it; off, neither is there.
+func TestNodeFDStore(t *testing.T) {
+	const sock = "/run/csi-nbd-fdstore/fds.sock"
+	mounts := func(c corev1.Container) bool {
+		for _, m := range c.VolumeMounts {
+			if m.Name == "fd-store" && m.MountPath == "/run/csi-nbd-fdstore" {
+				return true
+			}
+		}
+		return false
+	}
+	r := mustRender(t, nil)
+	ds := r.get(t, "DaemonSet", "csi-nbd-node").(*appsv1.DaemonSet)
+	spec := ds.Spec.Template.Spec
+	node := container(t, spec, "csi-nbd")
+	store := container(t, spec, "fd-store")
+	if !hasArg(node, "--fd-store="+sock) || !mounts(node) {
+		t.Errorf("node plugin: args %q, mounts %+v: want --fd-store=%s and the fd-store volume", node.Args, node.VolumeMounts, sock)
+	}
+	if !slices.Equal(store.Args, []string{"fdstore", "--socket=" + sock}) || !mounts(store) || store.Image != node.Image {
+		t.Errorf("fd-store container: %+v", store)
+	}
+	if sc := store.SecurityContext; sc == nil || (sc.Privileged != nil && *sc.Privileged) || sc.RunAsUser == nil || *sc.RunAsUser != 0 {
+		t.Errorf("fd-store container: securityContext %+v, want unprivileged root (the plugin's uid)", sc)
+	}
+	var vol *corev1.Volume
+	for i := range spec.Volumes {
+		if spec.Volumes[i].Name == "fd-store" {
+			vol = &spec.Volumes[i]
+		}
+	}
+	if vol == nil || vol.EmptyDir == nil {
+		t.Errorf("fd-store volume %+v: want an emptyDir (the pod's own)", vol)
+	}
+
+	r = mustRender(t, fromYAML(t, `node: {fdStore: {enabled: false}}`))
+	checkInvariants(t, r)
+	ds = r.get(t, "DaemonSet", "csi-nbd-node").(*appsv1.DaemonSet)
+	for _, c := range ds.Spec.Template.Spec.Containers {
+		if c.Name == "fd-store" {
+			t.Error("fd-store container rendered while off")
+		}
+		for _, a := range c.Args {
+			if strings.HasPrefix(a, "--fd-store") {
+				t.Errorf("%s: %s while off", c.Name, a)
+			}
+		}
+	}
+}

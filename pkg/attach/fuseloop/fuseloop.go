@@ -8,15 +8,12 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
-	"github.com/hanwen/go-fuse/v2/fs"
-	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
@@ -30,9 +27,10 @@ const (
 	fsSubtype = "csi-nbd-fuseloop"
 	fsType    = "fuse." + fsSubtype
 
-	// maxWrite is the largest FUSE read/write. 1 MiB requests make go-fuse
-	// log "trySplice: want 1052688 bytes, max pipe size 1048576" and copy
-	// instead; 512 KiB stays within the pipe (measured on the target host).
+	// maxWrite is the largest FUSE read/write, and with the headers the
+	// size of each request buffer (one per request in flight). 512 KiB
+	// was chosen when go-fuse spliced (1 MiB did not fit its pipe); it
+	// also keeps the buffers of 64 background requests at 32 MiB.
 	maxWrite = 512 << 10
 	// maxBackground bounds the kernel's asynchronous FUSE requests, which
 	// is what loop direct I/O sends: the default (12) would cap the queue
@@ -104,13 +102,13 @@ func Available() error {
 
 // Attachment is one device exposed as /dev/loopN.
 type Attachment struct {
-	dev    backends.Device
-	dir    string // resolved mount point
-	file   string // dir/name, the loop's backing file
-	node   *fileNode
-	server *fuse.Server
-	index  atomic.Int64  // loop device number; -1 until configured (watch reads it concurrently)
-	done   chan struct{} // closed when the FUSE server has exited
+	dev   backends.Device
+	dir   string // resolved mount point
+	file  string // dir/name, the loop's backing file
+	fs    *volumeFS
+	srv   *server
+	index atomic.Int64  // loop device number; -1 until configured (watch reads it concurrently)
+	done  chan struct{} // closed when the FUSE server has exited
 
 	// detaching is set while we unmount the FUSE file system ourselves,
 	// so that watch does not report it as going away underneath us.
@@ -157,14 +155,13 @@ func Attach(ctx context.Context, dev backends.Device, cfg Config) (_ *Attachment
 			dir, syscall.EBUSY)
 	}
 
-	node := &fileNode{dev: dev, readOnly: readOnly, zero: caps.Zero}
-	node.size.Store(size)
-	server, err := mountFUSE(dir, cfg.Name, node, readOnly)
+	vfs := newVolumeFS(cfg.Name, dev, readOnly, caps.Zero, size)
+	srv, err := mountFUSE(ctx, dir, vfs, readOnly)
 	if err != nil {
 		return nil, err
 	}
 	a := &Attachment{
-		dev: dev, dir: dir, file: filepath.Join(dir, cfg.Name), node: node, server: server,
+		dev: dev, dir: dir, file: filepath.Join(dir, cfg.Name), fs: vfs, srv: srv,
 		done: make(chan struct{}),
 	}
 	a.index.Store(-1)
@@ -206,11 +203,11 @@ func Attach(ctx context.Context, dev backends.Device, cfg Config) (_ *Attachment
 }
 
 // mountFUSE mounts the one-file file system on dir and starts serving it.
-// It opens /dev/fuse and calls mount(2) itself rather than letting go-fuse
-// do it: go-fuse's direct mount leaves the descriptor inheritable, and a
-// copy of it in any child process would keep the connection alive (and
-// I/O hanging instead of failing) after we die.
-func mountFUSE(dir, name string, node *fileNode, readOnly bool) (*fuse.Server, error) {
+// It opens /dev/fuse and calls mount(2) itself: go-fuse's direct mount
+// leaves the descriptor inheritable, and a copy of it in any child process
+// would keep the connection alive (and I/O hanging instead of failing)
+// after we die. Only a keeper we hand it to on purpose (FuseFD) should.
+func mountFUSE(ctx context.Context, dir string, vfs *volumeFS, readOnly bool) (*server, error) {
 	fd, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("fuseloop: %w", err)
@@ -225,41 +222,36 @@ func mountFUSE(dir, name string, node *fileNode, readOnly bool) (*fuse.Server, e
 		unix.Close(fd)
 		return nil, fmt.Errorf("fuseloop: mount FUSE on %s: %w", dir, err)
 	}
-
-	root := &rootNode{file: node}
-	long := time.Hour // nothing changes behind the kernel's back; Resize notifies
-	rawFS := fs.NewNodeFS(root, &fs.Options{
-		EntryTimeout:   &long,
-		AttrTimeout:    &long,
-		RootStableAttr: &fs.StableAttr{Ino: 1},
-		OnAdd: func(ctx context.Context) {
-			ch := root.NewPersistentInode(ctx, node, fs.StableAttr{Mode: syscall.S_IFREG, Ino: 2})
-			root.AddChild(name, ch, false)
-		},
-		Logger: klog.NewStandardLogger("WARNING"),
-	})
-	server, err := fuse.NewServer(rawFS, "/dev/fd/"+strconv.Itoa(fd), &fuse.MountOptions{
-		MaxWrite:      maxWrite,
-		MaxBackground: maxBackground,
-		// Loop direct I/O is asynchronous; without ASYNC_DIO FUSE would
-		// serve each loop request synchronously.
-		ExtraCapabilities: fuse.CAP_ASYNC_DIO,
-		DisableXAttrs:     true,
-		Logger:            klog.NewStandardLogger("WARNING"),
-	})
+	srv, err := newServer(fd, vfs, dir)
 	if err != nil {
-		// The server owns fd from here on, whatever failed; detaching the
-		// mount ends the connection once the descriptor is gone.
 		unix.Unmount(dir, unix.MNT_DETACH)
-		return nil, fmt.Errorf("fuseloop: start FUSE server on %s: %w", dir, err)
+		unix.Close(fd)
+		return nil, fmt.Errorf("fuseloop: %w", err)
 	}
-	go server.Serve()
-	if err := server.WaitMount(); err != nil {
+	srv.start()
+	// The kernel sends INIT first; wait for our answer.
+	fail := func(err error) (*server, error) {
+		// Unmounting the unused mount ends the connection, which
+		// wakes the readers (ENODEV).
+		srv.stopping.Store(true)
 		unix.Unmount(dir, unix.MNT_DETACH)
-		server.Wait()
+		select {
+		case <-srv.done:
+		case <-time.After(5 * time.Second):
+		}
+		srv.close()
 		return nil, fmt.Errorf("fuseloop: FUSE mount on %s: %w", dir, err)
 	}
-	return server, nil
+	select {
+	case <-srv.initDone:
+	case <-srv.done:
+		return fail(fmt.Errorf("connection ended before INIT: %v", srv.endErr))
+	case <-ctx.Done():
+		return fail(ctx.Err())
+	case <-time.After(30 * time.Second):
+		return fail(errors.New("no INIT from the kernel in 30s"))
+	}
+	return srv, nil
 }
 
 // disablePoll makes the kernel stop sending FUSE POLL requests for this
@@ -287,10 +279,10 @@ func disablePoll(file string) error {
 // watch closes Done when the FUSE server exits: after Detach unmounted
 // it, or because the mount or the connection went away underneath us.
 func (a *Attachment) watch() {
-	a.server.Wait()
-	if !a.detaching.Load() {
+	<-a.srv.done
+	if !a.detaching.Load() && !a.srv.abandoned.Load() {
 		a.errMu.Lock()
-		a.err = fmt.Errorf("fuseloop: FUSE server for %s stopped (unmounted or aborted underneath us)", a.file)
+		a.err = fmt.Errorf("fuseloop: FUSE server for %s stopped (%v underneath us)", a.file, a.srv.endErr)
 		a.errMu.Unlock()
 		klog.ErrorS(nil, "FUSE server stopped underneath an attached loop device", "device", a.Path(), "file", a.file)
 	}
@@ -321,7 +313,7 @@ func (a *Attachment) Resize(ctx context.Context, size uint64) error {
 	if a.loop == nil {
 		return fmt.Errorf("fuseloop: resize %s: detached: %w", a.Path(), backends.ErrInvalid)
 	}
-	if cur := a.node.size.Load(); size < cur {
+	if cur := a.fs.size.Load(); size < cur {
 		return fmt.Errorf("fuseloop: resize %s to %d: shrinking from %d: %w", a.Path(), size, cur, backends.ErrInvalid)
 	}
 	if devSize := a.dev.Size(); size > devSize {
@@ -331,10 +323,10 @@ func (a *Attachment) Resize(ctx context.Context, size uint64) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	a.node.size.Store(size)
-	// Offset -1: invalidate the attributes only, there is no page cache.
-	if errno := a.node.NotifyContent(-1, 0); errno != 0 {
-		return fmt.Errorf("fuseloop: resize %s: invalidate attributes: %w", a.Path(), errno)
+	a.fs.size.Store(size)
+	// Attributes only, there is no page cache.
+	if err := a.srv.invalidateAttr(); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("fuseloop: resize %s: invalidate attributes: %w", a.Path(), err)
 	}
 	// The loop driver reads the inode's cached size; a stat refreshes it.
 	if _, err := os.Stat(a.file); err != nil {
@@ -427,6 +419,7 @@ func (a *Attachment) unmount(ctx context.Context) (err error) {
 	}
 	select {
 	case <-a.done:
+		a.srv.shutdown()
 		return nil
 	case <-ctx.Done():
 		return fmt.Errorf("fuseloop: waiting for the FUSE server of %s to exit: %w", a.dir, ctx.Err())
@@ -448,6 +441,7 @@ func (a *Attachment) teardown() {
 	waitLoopGone(ctx, int(a.index.Load()), a.dir)
 	if err := a.unmount(ctx); err != nil {
 		unix.Unmount(a.dir, unix.MNT_DETACH)
+		a.srv.shutdown()
 	}
 }
 
