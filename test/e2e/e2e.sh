@@ -357,9 +357,12 @@ while [ $SECONDS -lt $end ]; do
   i=$((i + 1))
 done
 sync
+bad=0
 while read -r sum f; do
-  test "$(dd if=/data/$f bs=1M iflag=direct status=none | sha256sum | cut -d" " -f1)" = "$sum"
+  got=$(dd if=/data/$f bs=1M iflag=direct status=none | sha256sum | cut -d" " -f1)
+  [ "$got" = "$sum" ] || { echo "$f: checksum $got, wrote $sum"; bad=$((bad + 1)); }
 done < /tmp/sums
+[ $bad -eq 0 ] || { echo "$bad of $i files differ"; exit 1; }
 echo "verified $i files"' /tmp/ready
   kubectl -n "$APP" wait --for=condition=Ready pod/survivor --timeout=180s
   sleep 5

@@ -264,6 +264,11 @@ func checkInvariants(t *testing.T, r *rendered) {
 		}
 		t.Errorf("kubelet dir mounted at %q with propagation %q: want %s, Bidirectional", m.MountPath, prop, kubeletDir)
 	}
+	// FUSE+loop mounts in the state directory must outlive the container
+	// (fd-store resume) and be visible to the next one.
+	if m := mounts["state-dir"]; m.MountPropagation == nil || *m.MountPropagation != corev1.MountPropagationBidirectional {
+		t.Errorf("state dir mounted with propagation %v: want Bidirectional", m.MountPropagation)
+	}
 	if !hasArg(node, "--kubelet-endpoint="+kubeletDir+"/plugins/"+driverName+"/csi.sock") {
 		t.Errorf("node args %q: kubelet endpoint not under %s", node.Args, kubeletDir)
 	}
