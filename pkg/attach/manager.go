@@ -630,6 +630,15 @@ func (m *Manager) Detach(ctx context.Context, id string) error {
 		// The loop may still be there: keep the record for CleanupStale.
 		return err
 	}
+	if len(errs) == 0 {
+		// Closed cleanly (a cache wrote everything back): what filters
+		// keep on this node for the volume can go.
+		if sp, err := backends.Parse(v.rec.Spec); err == nil {
+			if err := backends.Forget(m.env, sp); err != nil {
+				klog.ErrorS(err, "attach: removing the volume's local filter state", "volume", id)
+			}
+		}
+	}
 	errs = append(errs, m.st.remove(id))
 	m.mu.Lock()
 	delete(m.vols, id)

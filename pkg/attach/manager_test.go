@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/cache"
 	"github.com/csi-nbd/csi-nbd/pkg/backends/memory"
 )
 
@@ -256,6 +258,54 @@ func TestDetach(t *testing.T) {
 	}
 	if err := m.Health("d"); !errors.Is(err, ErrNotAttached) {
 		t.Fatalf("Health after detach: %v", err)
+	}
+}
+
+// A clean detach removes what filters keep on the node for the volume (a
+// cache's files), so deleted volumes leave nothing behind; a cache-dir the
+// spec names is the operator's and stays.
+func TestDetachForgetsFilterState(t *testing.T) {
+	k := newFakeKernel()
+	state := t.TempDir()
+	m, err := NewManager(t.TempDir(), backends.Env{StateDir: state})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.openKernel = func(context.Context) (kernel, error) { return k, nil }
+	m.loop = nil
+	t.Cleanup(func() { m.Close() })
+	ctx := ctxT(t)
+	own := t.TempDir()
+	for id, spec := range map[string]string{
+		"c": "cache=writeback,size=8Mi;memory:c",
+		"o": "cache=writeback,cache-dir=" + own + ",size=8Mi;memory:o",
+	} {
+		if _, err := m.Attach(ctx, id, spec, nil, Options{}); err != nil {
+			t.Fatal(err)
+		}
+		dev, _ := m.Device(id)
+		if err := dev.WriteAt(ctx, pattern(64<<10, 3), 0, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	caches, _ := filepath.Glob(filepath.Join(state, "cache", "*"))
+	if len(caches) != 1 {
+		t.Fatalf("cache directories in the state dir while attached: %v", caches)
+	}
+	ownFiles, _ := os.ReadDir(own)
+	if len(ownFiles) == 0 {
+		t.Fatal("nothing in the cache-dir the spec names")
+	}
+	for _, id := range []string{"c", "o"} {
+		if err := m.Detach(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if caches, _ := filepath.Glob(filepath.Join(state, "cache", "*")); len(caches) != 0 {
+		t.Fatalf("cache state left after detach: %v", caches)
+	}
+	if after, _ := os.ReadDir(own); len(after) != len(ownFiles) {
+		t.Fatalf("the operator's cache-dir was emptied: %d entries, had %d", len(after), len(ownFiles))
 	}
 }
 

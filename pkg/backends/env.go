@@ -38,15 +38,19 @@ func (e Env) Secret(key string) (string, bool) {
 // component of volume s, creating it. The name is derived from the
 // canonical spec so one volume always finds its own files again.
 func (e Env) Dir(component string, s Spec) (string, error) {
-	base := e.StateDir
-	if base == "" {
-		base = filepath.Join(os.TempDir(), "csi-nbd")
-	}
-	dir := filepath.Join(base, component, VolumeKey(s))
+	dir := e.dirPath(component, s)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", fmt.Errorf("state directory: %w", err)
 	}
 	return dir, nil
+}
+
+func (e Env) dirPath(component string, s Spec) string {
+	base := e.StateDir
+	if base == "" {
+		base = filepath.Join(os.TempDir(), "csi-nbd")
+	}
+	return filepath.Join(base, component, VolumeKey(s))
 }
 
 // VolumeKey is a file-name-safe, stable identifier of the volume s names

@@ -2,6 +2,7 @@ package backends
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/bits"
 	"os"
@@ -43,6 +44,30 @@ func FilterDirOption(s Spec, key string) (string, error) {
 		return "", fmt.Errorf("option %q: %q is not an absolute path", key, d)
 	}
 	return filepath.Clean(d), nil
+}
+
+// Forget calls every enabled filter's Forget for volume s: its local state
+// goes once the volume has been closed cleanly (see Filter.Forget).
+func Forget(env Env, s Spec) error {
+	var errs []error
+	for _, f := range filters() {
+		if f.Forget != nil && f.On(s) {
+			if err := f.Forget(env, s); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", f.Name, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// RemoveFilterDir removes the default state directory of the filter named
+// name for s (what FilterDir makes when no directory option is set); a
+// directory the spec names is the operator's and stays.
+func RemoveFilterDir(env Env, s Spec, name, key string) error {
+	if _, set := s.Options[key]; set {
+		return nil
+	}
+	return os.RemoveAll(env.dirPath(name, BackendSpec(s)))
 }
 
 // FilterDir is dir, or when dir is "" the default state directory of the

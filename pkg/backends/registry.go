@@ -48,6 +48,12 @@ type Filter struct {
 	// Wrap returns inner wrapped by the filter; closing the result must
 	// close inner. On error Wrap must leave inner open: Open closes it.
 	Wrap func(ctx context.Context, s Spec, env Env, inner Device) (Device, error)
+	// Forget, if set, removes the state an enabled filter keeps on this
+	// machine for volume s (files in env's state directory), after the
+	// volume was closed cleanly and is no longer attached here: the node
+	// plugin calls it on detach, so that deleted volumes leave nothing on
+	// the node.
+	Forget func(env Env, s Spec) error
 }
 
 var registry struct {

@@ -18,6 +18,7 @@ const (
 	ParamURL       = "url"       // http(s) origin, nbd:// export
 	ParamDirectory = "directory" // file: one image file per volume in this host directory
 	ParamBucket    = "bucket"    // s3
+	ParamCache     = "cache"     // the cache filter's mode; s3 defaults to writeback
 	ParamPrefix    = "prefix"    // s3: volumes live under PREFIX/VOLUME-NAME
 	ParamFSType    = "fsType"    // ext4 (default) or xfs; also csi.storage.k8s.io/fstype
 
@@ -40,7 +41,7 @@ var optionParams = map[string]string{
 	"headerSecret":        "header-secret",
 	"connections":         "connections",
 	"timeout":             "timeout",
-	"cache":               "cache",
+	ParamCache:            "cache",
 	"cacheSize":           "cache-size",
 	"cacheBlockSize":      "cache-block",
 	"cacheOnRead":         "cache-on-read",
@@ -143,6 +144,15 @@ func planVolume(name string, size uint64, params map[string]string, rateAlways b
 		}
 		u = "s3://" + bucket + "/" + path.Join(prefix, name)
 		opts["size"] = backends.FormatSize(size)
+		// The s3 backend acknowledges writes from a memory buffer and
+		// uploads them on FLUSH: a node plugin that dies in between would
+		// lose them, and the flush resent to its successor would succeed.
+		// A writeback cache journals acknowledged writes on the node's
+		// disk, so a restarted plugin writes them back: the default,
+		// unless the class chooses (cache: "off" accepts the risk).
+		if _, ok := params[ParamCache]; !ok {
+			opts["cache"] = "writeback"
+		}
 	case "http", "nbd":
 		raw := take(ParamURL)
 		if raw == "" {
@@ -195,6 +205,21 @@ func planVolume(name string, size uint64, params map[string]string, rateAlways b
 	p.spec = spec
 	p.context[ctxSpec] = spec.String()
 	return p, nil
+}
+
+// CheckParameters says whether a StorageClass's parameters make a valid
+// volume, with the error CreateVolume would give (naming the parameter at
+// fault). The CO's own csi.storage.k8s.io/*-secret-* keys are not
+// parameters the driver sees, so they are ignored here.
+func CheckParameters(params map[string]string) error {
+	own := map[string]string{}
+	for k, v := range params {
+		if !strings.HasPrefix(k, "csi.storage.k8s.io/") || !strings.Contains(k, "-secret-") {
+			own[k] = v
+		}
+	}
+	_, err := planVolume("pvc-check", 1<<30, own, false)
+	return err
 }
 
 // blameParam finds which parameter made the spec invalid, so the error

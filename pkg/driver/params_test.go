@@ -22,7 +22,9 @@ func TestPlanVolume(t *testing.T) {
 		{"s3 with every s3 parameter", map[string]string{
 			"backend": "s3", "bucket": "vols", "prefix": "/team/a/", "endpoint": "http://127.0.0.1:9000",
 			"region": "eu-west-1", "pathStyle": "true", "chunkSize": "1Mi",
-		}, "chunk=1Mi,endpoint=http://127.0.0.1:9000,path-style=true,region=eu-west-1,size=2Gi;s3://vols/team/a/pvc-1", "ext4"},
+		}, "cache=writeback,chunk=1Mi,endpoint=http://127.0.0.1:9000,path-style=true,region=eu-west-1,size=2Gi;s3://vols/team/a/pvc-1", "ext4"},
+		{"s3 with the cache turned off", map[string]string{"backend": "s3", "bucket": "vols", "cache": "off"},
+			"size=2Gi;s3://vols/pvc-1", "ext4"},
 		{"http origin with filters", map[string]string{
 			"backend": "http", "url": "https://example.com/disk.iso?x=1", "headerSecret": "auth", "timeout": "10s",
 			"cow": "true", "cowBlockSize": "128Ki", "readahead": "true", "readaheadMax": "8Mi",

@@ -8,6 +8,9 @@
 #   test/e2e/e2e.sh            run it all, print a table of steps and times
 #   E2E_KEEP=1 test/e2e/e2e.sh leave the cluster up afterwards (KUBECONFIG
 #                              is printed); test/e2e/e2e.sh down stops it
+#   E2E_S3_CACHE=off ...       the s3 class without the node-local writeback
+#                              cache (the driver's default for s3): shows
+#                              acknowledged writes lost to the SIGKILL
 #
 # Needs root, containerd, runc, CNI plugins, iptables, debootstrap (.ci/run
 # installs them through hack/deps.sh). The first run builds the cluster
@@ -169,7 +172,8 @@ storageClasses:
       endpoint: http://127.0.0.1:$S3_PORT
       pathStyle: "true"
       region: us-east-1
-      fsType: xfs
+      fsType: xfs${E2E_S3_CACHE:+
+      cache: '$E2E_S3_CACHE'}
     secretRef: {name: s3-credentials, namespace: $NS}
 EOF
   helm install csi-nbd "$REPO/charts/csi-nbd" -n "$NS" --wait --timeout 3m \
@@ -406,6 +410,9 @@ helm_uninstall() {
     -A -l app.kubernetes.io/instance=csi-nbd -o name 2>/dev/null)
   left+=$(kubectl get csidriver,storageclass,volumeattributesclass -o name | grep -E 'csi-nbd|/nbd' || true)
   left+=$(kubectl get pv,volumeattachments -o name)
+  # The node plugin's state dir stays (a hostPath), but nothing of a
+  # volume: no attach record, cache or overlay.
+  left+=$(find "$E2E_ROOT/node" -mindepth 2 \( -path '*/attach/volumes/*' -o -path '*/cache/*' -o -path '*/cow/*' \) 2>/dev/null || true)
   left+=$(grep " $E2E_ROOT/" /proc/mounts || true)
   left+=$(losetup -l -n -O NAME,BACK-FILE 2>/dev/null | grep "$E2E_ROOT/" || true)
   [ -z "$left" ] || { fail "left behind: $left"; return 1; }

@@ -31,6 +31,9 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/yaml"
+
+	_ "github.com/csi-nbd/csi-nbd/pkg/backends/all"
+	"github.com/csi-nbd/csi-nbd/pkg/driver"
 )
 
 const (
@@ -450,6 +453,15 @@ func TestDeployValues(t *testing.T) {
 		t.Run(filepath.Base(f), func(t *testing.T) {
 			r := mustRender(t, valuesFile(t, filepath.Base(f)))
 			checkInvariants(t, r)
+			// Every class must provision: its parameters pass the
+			// driver's own check (an example with a bad value would
+			// fail every CreateVolume).
+			for _, o := range r.ofKind("StorageClass") {
+				sc := o.(*storagev1.StorageClass)
+				if err := driver.CheckParameters(sc.Parameters); err != nil {
+					t.Errorf("StorageClass %s: %v", sc.Name, err)
+				}
+			}
 		})
 	}
 	t.Run("s3", func(t *testing.T) {

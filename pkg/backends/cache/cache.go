@@ -64,6 +64,12 @@ var Filter = backends.Filter{
 	},
 	Validate: Validate,
 	Wrap:     wrap,
+	// A clean close wrote every block back: the cache files are only a
+	// warm start for a later attach on this node, which a deleted volume
+	// never gets.
+	Forget: func(env backends.Env, s backends.Spec) error {
+		return backends.RemoveFilterDir(env, s, "cache", keyDir)
+	},
 }
 
 func init() { backends.RegisterFilter(Filter) }
