@@ -137,17 +137,7 @@ func (m *Manager) resumeLoop(ctx context.Context, r record) (Volume, error) {
 	} else {
 		defer lf.Close()
 	}
-	var secrets map[string]string
-	if r.HasSecrets {
-		if secrets, err = m.st.loadSecrets(r.ID); err != nil {
-			return Volume{}, err
-		}
-	}
-	sp, err := backends.Parse(r.Spec)
-	if err != nil {
-		return Volume{}, err
-	}
-	dev, err := m.open(ctx, r.ID, sp, secrets)
+	dev, secrets, err := m.reopen(ctx, r)
 	if err != nil {
 		return Volume{}, err
 	}

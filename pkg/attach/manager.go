@@ -355,6 +355,22 @@ func (m *Manager) open(ctx context.Context, id string, sp backends.Spec, secrets
 	return m.WrapDevice(id, dev), nil
 }
 
+// reopen opens the stack of a recorded volume again, with its saved
+// secrets (returned, to record the volume again), for Resume.
+func (m *Manager) reopen(ctx context.Context, r record) (dev backends.Device, secrets map[string]string, err error) {
+	if r.HasSecrets {
+		if secrets, err = m.st.loadSecrets(r.ID); err != nil {
+			return nil, nil, err
+		}
+	}
+	sp, err := backends.Parse(r.Spec)
+	if err != nil {
+		return nil, nil, err
+	}
+	dev, err = m.open(ctx, r.ID, sp, secrets)
+	return dev, secrets, err
+}
+
 // Device returns the open stack of an attached volume (for live changes,
 // such as rate limits, while it is served).
 func (m *Manager) Device(id string) (backends.Device, bool) {
@@ -747,17 +763,7 @@ func (m *Manager) resumeOne(ctx context.Context, r record) (Volume, error) {
 	if !m.deviceConnected(ctx, r.Index) {
 		return Volume{}, errors.Join(fmt.Errorf("%s is no longer connected; forgotten", r.Path), m.st.remove(r.ID))
 	}
-	var secrets map[string]string
-	if r.HasSecrets {
-		if secrets, err = m.st.loadSecrets(r.ID); err != nil {
-			return Volume{}, err
-		}
-	}
-	sp, err := backends.Parse(r.Spec)
-	if err != nil {
-		return Volume{}, err
-	}
-	dev, err := m.open(ctx, r.ID, sp, secrets)
+	dev, secrets, err := m.reopen(ctx, r)
 	if err != nil {
 		return Volume{}, err
 	}

@@ -195,6 +195,13 @@ func loopIndexOf(path string) (int, error) {
 // does nothing.
 func (a *Attachment) Stop() {
 	a.detaching.Store(true)
+	a.release()
+	klog.V(2).InfoS("Stopped serving, still attached", "device", a.Path(), "file", a.file)
+}
+
+// release stops the readers and closes this process's descriptors,
+// leaving the attachment to whoever holds copies of them.
+func (a *Attachment) release() {
 	a.srv.shutdown()
 	a.mu.Lock()
 	if a.loop != nil {
@@ -203,7 +210,6 @@ func (a *Attachment) Stop() {
 	}
 	a.detached = true
 	a.mu.Unlock()
-	klog.V(2).InfoS("Stopped serving, still attached", "device", a.Path(), "file", a.file)
 }
 
 // abandon stops serving as if the process had been killed, for tests: the
@@ -211,12 +217,5 @@ func (a *Attachment) Stop() {
 // descriptors are closed. Whoever holds a FuseFD keeps the connection.
 func (a *Attachment) abandon() {
 	a.srv.abandoned.Store(true)
-	a.srv.shutdown()
-	a.mu.Lock()
-	if a.loop != nil {
-		a.loop.Close()
-		a.loop = nil
-	}
-	a.detached = true
-	a.mu.Unlock()
+	a.release()
 }
