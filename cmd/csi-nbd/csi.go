@@ -114,8 +114,20 @@ func runCSI(ctx context.Context, mode driver.Mode, args []string, stdout, stderr
 	if err != nil {
 		return err
 	}
+	var reg *driver.Registration
+	if o.registrationDir != "" {
+		ep := o.kubeletEndpoint
+		if ep == "" {
+			u, _ := url.Parse(o.endpoint)
+			ep = u.Path
+		}
+		reg = &driver.Registration{Name: o.driverName, Endpoint: ep}
+	}
 	if o.metricsAddr != "" {
 		checks := []metrics.Check{{Name: "csi", Check: d.Ready}}
+		if reg != nil {
+			checks = append(checks, metrics.Check{Name: "kubelet-registration", Check: reg.Registered})
+		}
 		if att != nil {
 			checks = append(checks,
 				metrics.Check{Name: "links", Check: att.Healthy},
@@ -129,15 +141,9 @@ func runCSI(ctx context.Context, mode driver.Mode, args []string, stdout, stderr
 	if err != nil {
 		return err
 	}
-	if o.registrationDir != "" {
-		ep := o.kubeletEndpoint
-		if ep == "" {
-			u, _ := url.Parse(o.endpoint)
-			ep = u.Path
-		}
+	if reg != nil {
 		go func() {
-			r := &driver.Registration{Name: o.driverName, Endpoint: ep}
-			if err := driver.ServeRegistration(ctx, o.registrationDir, r); err != nil && ctx.Err() == nil {
+			if err := driver.ServeRegistration(ctx, o.registrationDir, reg); err != nil && ctx.Err() == nil {
 				klog.ErrorS(err, "Kubelet plugin registration stopped")
 			}
 		}()

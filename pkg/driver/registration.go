@@ -2,10 +2,12 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 
 	"google.golang.org/grpc"
 	"k8s.io/klog/v2"
@@ -20,6 +22,18 @@ type Registration struct {
 	Name string
 	// Endpoint is the CSI socket path as the kubelet sees it.
 	Endpoint string
+
+	registered atomic.Bool
+}
+
+// Registered is a readiness check: nil once the kubelet has accepted the
+// plugin. Until then the node cannot stage volumes, and provisioning a
+// WaitForFirstConsumer volume there finds no topology for the node.
+func (r *Registration) Registered(context.Context) error {
+	if !r.registered.Load() {
+		return errors.New("not registered with the kubelet yet")
+	}
+	return nil
 }
 
 func (r *Registration) GetInfo(context.Context, *registerapi.InfoRequest) (*registerapi.PluginInfo, error) {
@@ -32,6 +46,7 @@ func (r *Registration) GetInfo(context.Context, *registerapi.InfoRequest) (*regi
 }
 
 func (r *Registration) NotifyRegistrationStatus(_ context.Context, s *registerapi.RegistrationStatus) (*registerapi.RegistrationStatusResponse, error) {
+	r.registered.Store(s.PluginRegistered)
 	if s.PluginRegistered {
 		klog.InfoS("Registered with the kubelet", "driver", r.Name)
 	} else {

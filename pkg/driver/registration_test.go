@@ -17,8 +17,9 @@ func TestServeRegistration(t *testing.T) {
 	dir := t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
+	reg := &Registration{Name: DefaultName, Endpoint: "/var/lib/kubelet/plugins/csi-nbd.io/csi.sock"}
 	go func() {
-		done <- ServeRegistration(ctx, dir, &Registration{Name: DefaultName, Endpoint: "/var/lib/kubelet/plugins/csi-nbd.io/csi.sock"})
+		done <- ServeRegistration(ctx, dir, reg)
 	}()
 	sock := filepath.Join(dir, DefaultName+"-reg.sock")
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -43,8 +44,21 @@ func TestServeRegistration(t *testing.T) {
 	if info.Type != registerapi.CSIPlugin || info.Name != DefaultName || info.Endpoint != "/var/lib/kubelet/plugins/csi-nbd.io/csi.sock" || len(info.SupportedVersions) == 0 {
 		t.Errorf("GetInfo = %v", info)
 	}
+	// Not ready until the kubelet says it registered the plugin.
+	if err := reg.Registered(ctx); err == nil {
+		t.Error("Registered before the kubelet's notification")
+	}
+	if _, err := c.NotifyRegistrationStatus(ctx, &registerapi.RegistrationStatus{PluginRegistered: false, Error: "no"}); err != nil {
+		t.Errorf("NotifyRegistrationStatus: %v", err)
+	}
+	if err := reg.Registered(ctx); err == nil {
+		t.Error("Registered after the kubelet refused it")
+	}
 	if _, err := c.NotifyRegistrationStatus(ctx, &registerapi.RegistrationStatus{PluginRegistered: true}); err != nil {
 		t.Errorf("NotifyRegistrationStatus: %v", err)
+	}
+	if err := reg.Registered(ctx); err != nil {
+		t.Errorf("after registration: %v", err)
 	}
 	cancel()
 	<-done

@@ -178,9 +178,10 @@ storageClasses:
 EOF
   helm install csi-nbd "$REPO/charts/csi-nbd" -n "$NS" --wait --timeout 3m \
     -f "$REPO/deploy/helm/memory.yaml" -f "$REPO/deploy/helm/local-images.yaml" -f "$E2E_DIR/values.yaml"
-  # The node plugin registers with the kubelet by itself; until it has,
-  # provisioning finds no topology for the node (and retries).
-  wait_for 60 "the node plugin's registration" \
+  # The node plugin registers with the kubelet itself and is Ready only
+  # once the kubelet accepted it, so --wait covered the registration (the
+  # kubelet writes CSINode just before it tells the plugin).
+  wait_for 5 "the node plugin's registration in CSINode" \
     bash -c "kubectl get csinode '$NODE_NAME' -o jsonpath='{.spec.drivers[*].name}' | grep -qw csi-nbd.io"
   kubectl create namespace "$APP"
 }

@@ -624,12 +624,14 @@ metrics: {enabled: %v}
 			t.Errorf("controller.hostNetwork: hostNetwork %v dnsPolicy %q", dep.Spec.Template.Spec.HostNetwork, dep.Spec.Template.Spec.DNSPolicy)
 		}
 		ds := r.get(t, "DaemonSet", "csi-nbd-node").(*appsv1.DaemonSet)
+		port := map[bool]string{false: "healthz", true: "metrics"}[metrics]
 		for _, tc := range []struct {
 			spec       corev1.PodSpec
 			addr, port string
+			node       bool
 		}{
-			{dep.Spec.Template.Spec, map[bool]string{false: ":9810", true: ":9808"}[metrics], map[bool]string{false: "healthz", true: "metrics"}[metrics]},
-			{ds.Spec.Template.Spec, map[bool]string{false: ":9811", true: ":9809"}[metrics], map[bool]string{false: "healthz", true: "metrics"}[metrics]},
+			{dep.Spec.Template.Spec, map[bool]string{false: ":9810", true: ":9808"}[metrics], port, false},
+			{ds.Spec.Template.Spec, map[bool]string{false: ":9811", true: ":9809"}[metrics], port, true},
 		} {
 			for _, c := range tc.spec.Containers {
 				if c.Name == "liveness-probe" {
@@ -642,6 +644,13 @@ metrics: {enabled: %v}
 			}
 			if p := c.LivenessProbe.HTTPGet; p == nil || p.Path != "/healthz" || p.Port.StrVal != tc.port {
 				t.Errorf("metrics %v: liveness probe %+v, want /healthz on port %s", metrics, c.LivenessProbe, tc.port)
+			}
+			if tc.node {
+				// The node plugin is ready once registered with the kubelet.
+				if c.ReadinessProbe == nil || c.ReadinessProbe.HTTPGet == nil || c.ReadinessProbe.HTTPGet.Path != "/readyz" ||
+					c.ReadinessProbe.HTTPGet.Port.StrVal != tc.port {
+					t.Errorf("metrics %v: node readiness probe %+v, want /readyz on port %s", metrics, c.ReadinessProbe, tc.port)
+				}
 			}
 			names := map[string]bool{}
 			for _, p := range c.Ports {
