@@ -58,6 +58,14 @@ var Filter = backends.Filter{
 	},
 	Validate: Validate,
 	Wrap:     wrap,
+	// A volatile overlay is gone after Close; its directory (lock file)
+	// goes too. A persistent overlay is the volume's data: it stays.
+	Forget: func(env backends.Env, s backends.Spec) error {
+		if c, _, err := parseConfig(s); err != nil || c.Persist {
+			return err
+		}
+		return backends.RemoveFilterDir(env, s, "cow", keyDir)
+	},
 }
 
 func init() { backends.RegisterFilter(Filter) }

@@ -404,3 +404,40 @@ func TestResizeGrowsOverlay(t *testing.T) {
 		t.Fatalf("shrink: %v", err)
 	}
 }
+
+// Forget (the node plugin's clean detach) removes a volatile overlay's
+// directory and keeps a persistent one, which holds the volume's writes.
+func TestForget(t *testing.T) {
+	for _, persist := range []bool{false, true} {
+		state := t.TempDir()
+		env := backends.Env{StateDir: state}
+		spec := "cow=true,size=1Mi;data:,hello"
+		if persist {
+			spec = "cow=true,cow-persist=true,size=1Mi;data:,hello"
+		}
+		s, err := backends.Parse(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dev, err := backends.Open(ctx, s, env)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := dev.WriteAt(ctx, pattern(4096, 9), 0, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := dev.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := backends.Forget(env, s); err != nil {
+			t.Fatal(err)
+		}
+		left, _ := filepath.Glob(filepath.Join(state, "cow", "*"))
+		if persist && len(left) != 1 {
+			t.Errorf("persistent overlay: %v left, want its directory kept", left)
+		}
+		if !persist && len(left) != 0 {
+			t.Errorf("volatile overlay: %v left after Forget", left)
+		}
+	}
+}
