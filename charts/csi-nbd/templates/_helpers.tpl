@@ -128,3 +128,14 @@ version it is given (--kube-version).
 {{- define "csi-nbd.vacSupported" -}}
 {{- if or (.Capabilities.APIVersions.Has "storage.k8s.io/v1/VolumeAttributesClass") (semverCompare ">=1.34.0-0" .Capabilities.KubeVersion.Version) -}}true{{- end -}}
 {{- end -}}
+
+{{/*
+The container port the liveness probe asks for /healthz: the livenessprobe
+sidecar's (healthz), or without the sidecar the plugin's own HTTP server,
+which is the metrics port when metrics are on. Pass (list $ component),
+component being .Values.controller or .Values.node.
+*/}}
+{{- define "csi-nbd.livenessPort" -}}
+{{- $ := index . 0 -}}{{- $comp := index . 1 -}}
+{{- if or $comp.livenessProbe.sidecar (not $.Values.metrics.enabled) -}}healthz{{- else -}}metrics{{- end -}}
+{{- end -}}
