@@ -191,7 +191,7 @@ func (d *Device) probeGet(ctx context.Context) (*http.Response, error) {
 		discard(resp)
 		wait := max(retryAfter(resp.Header.Get("Retry-After")), backoff(attempt))
 		klog.V(2).InfoS("Retrying origin probe", "url", d.shown, "status", resp.StatusCode, "attempt", attempt+1, "wait", wait)
-		if !sleep(ctx, wait) {
+		if !backends.Sleep(ctx, wait) {
 			return nil, ctx.Err()
 		}
 	}
@@ -363,21 +363,9 @@ func (d *Device) read(ctx context.Context, p []byte, off uint64) error {
 		wait = max(wait, backoff(attempt))
 		klog.V(2).InfoS("Retrying origin read", "url", d.shown, "offset", off, "length", len(p),
 			"attempt", attempt+1, "wait", wait, "err", err)
-		if !sleep(ctx, wait) {
+		if !backends.Sleep(ctx, wait) {
 			return fail(err)
 		}
-	}
-}
-
-// sleep waits for d or ctx's end; it reports whether the full time passed.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
 	}
 }
 

@@ -71,7 +71,7 @@ func (d *Device) client(ctx context.Context, s *slot) (*nbd.Client, error) {
 			if wait := time.Until(s.nextTry); wait > 0 {
 				last := s.err
 				s.mu.Unlock()
-				if !sleep(ctx, wait) {
+				if !backends.Sleep(ctx, wait) {
 					return nil, waitErr(ctx, last)
 				}
 				continue

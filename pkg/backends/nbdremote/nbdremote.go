@@ -273,7 +273,7 @@ func (d *Device) dialRetry(ctx context.Context) (*nbd.Client, error) {
 		if !transient(err, d.cfg.TLS != nil) {
 			return nil, err
 		}
-		if !sleep(ctx, b.next()) || ctx.Err() != nil {
+		if !backends.Sleep(ctx, b.next()) || ctx.Err() != nil {
 			return nil, fmt.Errorf("nbd: cannot connect to %s within %v: %w", d.uri, d.timeout, err)
 		}
 	}
@@ -340,16 +340,4 @@ func (b *backoff) next() time.Duration {
 		b.d = min(2*b.d, 2*time.Second)
 	}
 	return b.d
-}
-
-// sleep waits for d or ctx; it reports whether the full time passed.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }

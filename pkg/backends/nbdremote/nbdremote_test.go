@@ -310,13 +310,13 @@ func TestReconnect(t *testing.T) {
 				t.Fatal(err)
 			default:
 			}
-			sleep(ctx, 5e6)
+			backends.Sleep(ctx, 5e6)
 		}
 	}
 	for range 3 {
 		waitOps(200)
 		k.kill()
-		sleep(ctx, 2e8) // requests now retry against a closed port
+		backends.Sleep(ctx, 2e8) // requests now retry against a closed port
 		k.start()
 		waitOps(200) // and complete once it is back
 	}
@@ -384,7 +384,7 @@ func TestUnreachable(t *testing.T) {
 	cctx, cancel := context.WithCancel(ctx)
 	done := make(chan error)
 	go func() { done <- long.ReadAt(cctx, make([]byte, 512), 0) }()
-	sleep(ctx, 3e8)
+	backends.Sleep(ctx, 3e8)
 	cancel()
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Errorf("cancelled read: %v", err)
@@ -437,7 +437,7 @@ func waitStopped(t *testing.T, pid int) {
 		if stopped {
 			return
 		}
-		sleep(ctx, 5e6)
+		backends.Sleep(ctx, 5e6)
 	}
 }
 
