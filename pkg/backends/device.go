@@ -94,6 +94,17 @@ const (
 	ZeroFast                         // fail fast with ENOTSUP if not cheap
 )
 
+// TrimAsZero serves Trim with Zero (holes allowed), for devices that have
+// no older bytes to fall back to and so must read a trimmed range as
+// zeros anyway.
+func TrimAsZero(ctx context.Context, d Device, off, length uint64, fua bool) error {
+	var f ZeroFlags
+	if fua {
+		f = ZeroFUA
+	}
+	return d.Zero(ctx, off, length, f)
+}
+
 // ExtentFlags describe an extent; the values match NBD's base:allocation.
 type ExtentFlags uint32
 

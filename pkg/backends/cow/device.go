@@ -330,11 +330,7 @@ func (d *Device) flush() error {
 
 // Trim is Zero: the overlay cannot fall back to the origin's bytes.
 func (d *Device) Trim(ctx context.Context, off, length uint64, fua bool) error {
-	var f backends.ZeroFlags
-	if fua {
-		f = backends.ZeroFUA
-	}
-	return d.Zero(ctx, off, length, f)
+	return backends.TrimAsZero(ctx, d, off, length, fua)
 }
 
 // Zero marks whole blocks as zeros (a hole, no origin read); partly

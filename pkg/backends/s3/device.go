@@ -626,11 +626,7 @@ func (d *Device) Flush(ctx context.Context) error {
 // Trim deletes the chunk objects the range covers whole and writes zeros
 // into the partly covered ones, like Zero.
 func (d *Device) Trim(ctx context.Context, off, length uint64, fua bool) error {
-	var f backends.ZeroFlags
-	if fua {
-		f = backends.ZeroFUA
-	}
-	return d.Zero(ctx, off, length, f)
+	return backends.TrimAsZero(ctx, d, off, length, fua)
 }
 
 // Zero: whole chunks lose their objects (a missing chunk reads as zeros,
