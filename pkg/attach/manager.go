@@ -367,9 +367,20 @@ func (m *Manager) reopen(ctx context.Context, r record) (dev backends.Device, se
 	if err != nil {
 		return nil, nil, err
 	}
-	dev, err = m.open(ctx, r.ID, sp, secrets)
-	return dev, secrets, err
+	if dev, err = m.open(ctx, r.ID, sp, secrets); err != nil {
+		return nil, nil, err
+	}
+	if dev.Caps().Volatile {
+		return nil, nil, errors.Join(errVolatile, dev.Close())
+	}
+	return dev, secrets, nil
 }
+
+// errVolatile is reopen's error for a volume whose contents died with the
+// process that served it (memory, a volatile overlay): serving it again
+// would hand the kernel's file system an empty disk. It is detached
+// instead, so I/O fails loudly.
+var errVolatile = errors.New("its contents lived only in the process that served it, which is gone: detached rather than served empty")
 
 // Device returns the open stack of an attached volume (for live changes,
 // such as rate limits, while it is served).
@@ -709,10 +720,11 @@ func (m *Manager) detachRecorded(ctx context.Context, id string) error {
 
 // Resume re-serves every volume recorded in the state directory that this
 // Manager does not serve yet: it re-opens each stack and hands the kernel
-// fresh sockets (RECONFIGURE) for the dead ones. Volumes whose device is
-// gone are forgotten; FUSE+loop volumes cannot survive their server and
-// are cleaned up. It returns the volumes served and an error for each one
-// that could not be.
+// fresh sockets (RECONFIGURE) for the dead ones; FUSE+loop volumes are
+// taken over from the fd store. Volumes whose device is gone are
+// forgotten; volumes whose contents died with their server (Caps.Volatile)
+// and FUSE+loop volumes the store does not hold are detached. It returns
+// the volumes served and an error for each one that could not be.
 func (m *Manager) Resume(ctx context.Context) ([]Volume, error) {
 	recs, err := m.st.list()
 	errs := []error{err}
@@ -764,6 +776,9 @@ func (m *Manager) resumeOne(ctx context.Context, r record) (Volume, error) {
 		return Volume{}, errors.Join(fmt.Errorf("%s is no longer connected; forgotten", r.Path), m.st.remove(r.ID))
 	}
 	dev, secrets, err := m.reopen(ctx, r)
+	if errors.Is(err, errVolatile) {
+		return Volume{}, errors.Join(err, m.detachRecorded(ctx, r.ID))
+	}
 	if err != nil {
 		return Volume{}, err
 	}

@@ -29,6 +29,13 @@ type persistentDev struct{ *memory.Device }
 
 func (persistentDev) Close() error { return nil }
 
+// Caps: unlike a plain memory volume, this one outlives its process.
+func (d persistentDev) Caps() backends.Caps {
+	c := d.Device.Caps()
+	c.Volatile = false
+	return c
+}
+
 func init() {
 	backends.Register(backends.Backend{
 		Scheme:  "attachtest",
@@ -258,6 +265,34 @@ func TestDetach(t *testing.T) {
 	}
 	if err := m.Health("d"); !errors.Is(err, ErrNotAttached) {
 		t.Fatalf("Health after detach: %v", err)
+	}
+}
+
+// A memory volume's contents die with the process that served it: the
+// next process must not hand the kernel an empty disk in its place, but
+// disconnect the device (I/O fails loudly) and forget the volume.
+func TestResumeRefusesVolatileVolume(t *testing.T) {
+	k := newFakeKernel()
+	dir := t.TempDir()
+	ctx := ctxT(t)
+	m1 := newTestManager(t, dir, k)
+	if _, err := m1.Attach(ctx, "mem", "size=8Mi;memory:gone", nil, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := m1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	k.serverDied(0)
+	m2 := newTestManager(t, dir, k)
+	vols, err := m2.Resume(ctx)
+	if len(vols) != 0 || !errors.Is(err, errVolatile) {
+		t.Fatalf("Resume = %+v, %v; want it refused as volatile", vols, err)
+	}
+	if k.devs[0].connected {
+		t.Error("the device is still connected, waiting for a server that will never come")
+	}
+	if _, err := os.Stat(m2.st.recordPath("mem")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("record kept: %v", err)
 	}
 }
 

@@ -80,6 +80,12 @@ type Caps struct {
 	Fast bool
 	// Rotational hints that seeks are expensive.
 	Rotational bool
+	// Volatile says the contents live only in this process (a memory
+	// volume, a discarded-at-close overlay): a process that opens the
+	// volume again after this one died finds them gone, so a restarted
+	// server must not re-serve it to a kernel that still holds the old
+	// data's file system.
+	Volatile bool
 	// MinBlock, PrefBlock and MaxBlock are the block size constraints
 	// (0 means the server default: 1, 4096, 32 MiB).
 	MinBlock, PrefBlock, MaxBlock uint32

@@ -122,13 +122,16 @@ func (d *Device) Size() uint64 {
 
 // Caps: writable whatever the origin; zeroing is a bitmap change, so it
 // is fast; Flush matters only for a persistent overlay (FUA is emulated
-// with it).
+// with it), and only a persistent overlay over a lasting origin outlives
+// the process.
 func (d *Device) Caps() backends.Caps {
 	oc := d.origin.Caps()
 	return backends.Caps{
 		Flush: d.persist, Trim: true, Zero: true, FastZero: true, Extents: true,
 		Cache: oc.Cache, MultiConn: true, Rotational: oc.Rotational,
 		MinBlock: oc.MinBlock, PrefBlock: oc.PrefBlock, MaxBlock: oc.MaxBlock,
+		// A volatile overlay is discarded by the next open.
+		Volatile: !d.persist || oc.Volatile,
 	}
 }
 

@@ -104,7 +104,7 @@ func (d *Device) Resize(_ context.Context, size uint64) error {
 func (d *Device) Caps() backends.Caps {
 	return backends.Caps{
 		Flush: true, FUA: true, Trim: true, Zero: true, FastZero: true,
-		Extents: true, MultiConn: true, Fast: true,
+		Extents: true, MultiConn: true, Fast: true, Volatile: true,
 	}
 }
 
