@@ -370,17 +370,25 @@ func (m *Manager) reopen(ctx context.Context, r record) (dev backends.Device, se
 	if dev, err = m.open(ctx, r.ID, sp, secrets); err != nil {
 		return nil, nil, err
 	}
-	if dev.Caps().Volatile {
+	switch c := dev.Caps(); {
+	case c.Volatile:
 		return nil, nil, errors.Join(errVolatile, dev.Close())
+	case c.BufferedWrites && !r.Closed:
+		return nil, nil, errors.Join(errUnflushed, dev.Close())
 	}
 	return dev, secrets, nil
 }
 
-// errVolatile is reopen's error for a volume whose contents died with the
-// process that served it (memory, a volatile overlay): serving it again
-// would hand the kernel's file system an empty disk. It is detached
-// instead, so I/O fails loudly.
-var errVolatile = errors.New("its contents lived only in the process that served it, which is gone: detached rather than served empty")
+// reopen's errors for volumes a successor must not serve: doing so would
+// hand the kernel's file system an empty disk (errVolatile: memory, a
+// volatile overlay), or one missing writes the kernel was told were done,
+// with its next flush succeeding (errUnflushed: a write-back buffer in a
+// process that died). Such a volume is detached instead, so I/O fails
+// loudly.
+var (
+	errVolatile  = errors.New("its contents lived only in the process that served it, which is gone: detached rather than served empty")
+	errUnflushed = errors.New("the process that served it died with acknowledged writes possibly unflushed in its memory (a write-back buffer without a cache filter over it): detached rather than served without them")
+)
 
 // Device returns the open stack of an attached volume (for live changes,
 // such as rate limits, while it is served).
@@ -776,7 +784,7 @@ func (m *Manager) resumeOne(ctx context.Context, r record) (Volume, error) {
 		return Volume{}, errors.Join(fmt.Errorf("%s is no longer connected; forgotten", r.Path), m.st.remove(r.ID))
 	}
 	dev, secrets, err := m.reopen(ctx, r)
-	if errors.Is(err, errVolatile) {
+	if errors.Is(err, errVolatile) || errors.Is(err, errUnflushed) {
 		return Volume{}, errors.Join(err, m.detachRecorded(ctx, r.ID))
 	}
 	if err != nil {
@@ -959,6 +967,8 @@ func (m *Manager) Close() error {
 		}
 		if err := v.dev.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("attach: close volume %q: %w", v.rec.ID, err))
+		} else if err := m.st.markClosed(v.rec.ID); err != nil {
+			errs = append(errs, fmt.Errorf("attach: %w", err))
 		}
 		m.mu.Lock()
 		delete(m.vols, v.rec.ID)

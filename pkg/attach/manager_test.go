@@ -25,14 +25,19 @@ var (
 	persisted = map[string]*memory.Device{}
 )
 
-type persistentDev struct{ *memory.Device }
+type persistentDev struct {
+	*memory.Device
+	buffered bool
+}
 
 func (persistentDev) Close() error { return nil }
 
-// Caps: unlike a plain memory volume, this one outlives its process.
+// Caps: unlike a plain memory volume, this one outlives its process;
+// "attachtest:buffered-…" volumes claim a write-back buffer in memory.
 func (d persistentDev) Caps() backends.Caps {
 	c := d.Device.Caps()
 	c.Volatile = false
+	c.BufferedWrites = d.buffered
 	return c
 }
 
@@ -53,7 +58,7 @@ func init() {
 				d = memory.New(size)
 				persisted[s.URL] = d
 			}
-			return persistentDev{d}, nil
+			return persistentDev{d, strings.HasPrefix(s.URL, "attachtest:buffered-")}, nil
 		},
 	})
 }
@@ -293,6 +298,38 @@ func TestResumeRefusesVolatileVolume(t *testing.T) {
 	}
 	if _, err := os.Stat(m2.st.recordPath("mem")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("record kept: %v", err)
+	}
+}
+
+// A stack with a write-back buffer in memory (s3 without a cache) is
+// served again after a clean Close (everything flushed), but not after its
+// process died without one: the kernel's next flush would succeed without
+// the writes the buffer held.
+func TestResumeBufferedWritesOnlyAfterCleanClose(t *testing.T) {
+	k := newFakeKernel()
+	dir := t.TempDir()
+	ctx := ctxT(t)
+	m1 := newTestManager(t, dir, k)
+	if _, err := m1.Attach(ctx, "buf", "size=8Mi;attachtest:buffered-1", nil, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := m1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	k.serverDied(0)
+	m2 := newTestManager(t, dir, k)
+	if vols, err := m2.Resume(ctx); err != nil || len(vols) != 1 {
+		t.Fatalf("Resume after a clean close = %+v, %v", vols, err)
+	}
+	// m2 dies without closing anything: its record says it was serving.
+	k.serverDied(0)
+	m3 := newTestManager(t, dir, k)
+	vols, err := m3.Resume(ctx)
+	if len(vols) != 0 || !errors.Is(err, errUnflushed) {
+		t.Fatalf("Resume after a crash = %+v, %v; want it refused", vols, err)
+	}
+	if k.devs[0].connected {
+		t.Error("the device is still connected")
 	}
 }
 

@@ -31,6 +31,9 @@ type record struct {
 	FuseInit []byte `json:"fuseInit,omitempty"`
 	// HasSecrets says a secrets file exists for the volume.
 	HasSecrets bool `json:"hasSecrets,omitempty"`
+	// Closed says the last process that served the volume closed its
+	// stack cleanly (everything flushed) before leaving it attached.
+	Closed bool `json:"closed,omitempty"`
 }
 
 const recordVersion = 1
@@ -92,8 +95,10 @@ func writeAtomic(path string, data []byte, perm os.FileMode) error {
 	return nil
 }
 
+// save records a volume being served (so not Closed).
 func (s *store) save(r record, secrets map[string]string) error {
 	r.Version = recordVersion
+	r.Closed = false
 	r.HasSecrets = len(secrets) > 0
 	if r.HasSecrets {
 		b, err := json.Marshal(secrets)
@@ -114,6 +119,21 @@ func (s *store) save(r record, secrets map[string]string) error {
 		return fmt.Errorf("attach state: write record of volume %q: %w", r.ID, err)
 	}
 	return nil
+}
+
+// markClosed records that the serving process closed the volume's stack
+// cleanly and left it attached for a successor.
+func (s *store) markClosed(id string) error {
+	r, err := readRecord(s.recordPath(id))
+	if err != nil {
+		return err
+	}
+	r.Closed = true
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return fmt.Errorf("attach state: encode record: %w", err)
+	}
+	return writeAtomic(s.recordPath(id), append(b, '\n'), 0o600)
 }
 
 func (s *store) remove(id string) error {

@@ -86,6 +86,12 @@ type Caps struct {
 	// server must not re-serve it to a kernel that still holds the old
 	// data's file system.
 	Volatile bool
+	// BufferedWrites says writes are acknowledged from this process's
+	// memory before they are durable (a write-back buffer, emptied by
+	// Flush): a process that dies with some unflushed loses them, and a
+	// successor's Flush cannot know. Only a clean Close makes the volume
+	// safe to serve again from another process.
+	BufferedWrites bool
 	// MinBlock, PrefBlock and MaxBlock are the block size constraints
 	// (0 means the server default: 1, 4096, 32 MiB).
 	MinBlock, PrefBlock, MaxBlock uint32

@@ -644,3 +644,30 @@ func TestDefaultDirKeepsVolumeOption(t *testing.T) {
 		t.Fatal("volume= dropped from the cache directory's key")
 	}
 }
+
+// bufferedDev claims a write-back buffer in memory, as s3 does.
+type bufferedDev struct{ *countDev }
+
+func (b bufferedDev) Caps() backends.Caps {
+	c := b.countDev.Caps()
+	c.BufferedWrites = true
+	return c
+}
+
+// A cache over a backend with a write-back buffer in memory holds every
+// acknowledged write in its own files: the stack no longer says
+// BufferedWrites (attach.Manager then resumes it after a crash). It does
+// not hide that a memory backend's contents die with the process.
+func TestCapsCoverBufferedWrites(t *testing.T) {
+	for _, m := range []mode{modeWriteback, modeWritethrough} {
+		d := mustOpen(t, bufferedDev{newMem(1 << 20)}, cfg(t, m, 1<<20, 64<<10))
+		c := d.Caps()
+		if c.BufferedWrites {
+			t.Errorf("%v: the cache still reports BufferedWrites", m)
+		}
+		if !c.Volatile {
+			t.Errorf("%v: the memory backend's Volatile was lost", m)
+		}
+		d.Close()
+	}
+}

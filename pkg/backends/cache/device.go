@@ -282,6 +282,10 @@ func (d *Device) Caps() backends.Caps {
 	c := d.ic
 	c.Fast = false
 	c.Cache = true
+	// Every write is in the cache's files (or, writethrough, the
+	// backend's) before it is acknowledged, and the next open writes
+	// dirty blocks back: the backend's own buffer no longer matters.
+	c.BufferedWrites = false
 	if !c.ReadOnly {
 		c.Flush, c.FUA = true, true
 	}

@@ -200,6 +200,8 @@ func (d *Device) Caps() backends.Caps {
 		ReadOnly: d.cfg.readOnly,
 		Flush:    true, FUA: true, Trim: true, Zero: true, FastZero: true,
 		Extents: true, MultiConn: true,
+		// The write-back buffer (writeback > 0) lives in memory.
+		BufferedWrites: !d.cfg.readOnly && d.maxDirty > 0,
 	}
 }
 

@@ -704,3 +704,17 @@ func TestHTTPSEndpoint(t *testing.T) {
 		t.Fatalf("missing CA file: %v", err)
 	}
 }
+
+// The write-back buffer lives in memory: Caps says so (attach.Manager then
+// refuses to re-serve the volume after its process died), and only then.
+func TestCapsBufferedWrites(t *testing.T) {
+	g := startGW(t)
+	for opts, want := range map[string]bool{
+		"size=1Mi,chunk=64Ki":             true,
+		"size=1Mi,chunk=64Ki,writeback=0": false,
+	} {
+		if got := g.mustOpen(t, "caps-"+strings.ReplaceAll(opts, ",", "-"), opts, "n").Caps().BufferedWrites; got != want {
+			t.Errorf("%s: BufferedWrites %v, want %v", opts, got, want)
+		}
+	}
+}
