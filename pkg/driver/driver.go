@@ -222,16 +222,14 @@ func (d *Driver) Run(ctx context.Context, ln net.Listener) error {
 	klog.InfoS("Serving CSI", "driver", d.cfg.Name, "mode", d.cfg.Mode, "endpoint", ln.Addr().String(), "version", d.cfg.Version)
 
 	if d.cfg.serveNode() && d.cfg.Resume != nil {
+		// A volume that cannot come back has been detached (its I/O
+		// fails, and NodeGetVolumeStats reports it abnormal): the node
+		// itself is ready once every recorded volume was dealt with.
 		if err := d.cfg.Resume(ctx); err != nil {
-			// Keep serving: Probe says not ready, and the volumes that
-			// did come back are served.
 			klog.ErrorS(err, "Re-serving volumes staged before the restart")
-		} else {
-			d.ready.Store(true)
 		}
-	} else {
-		d.ready.Store(true)
 	}
+	d.ready.Store(true)
 
 	select {
 	case <-ctx.Done():

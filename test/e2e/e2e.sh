@@ -9,8 +9,10 @@
 #   E2E_KEEP=1 test/e2e/e2e.sh leave the cluster up afterwards (KUBECONFIG
 #                              is printed); test/e2e/e2e.sh down stops it
 #   E2E_S3_CACHE=off ...       the s3 class without the node-local writeback
-#                              cache (the driver's default for s3): shows
-#                              acknowledged writes lost to the SIGKILL
+#                              cache (the driver's default for s3): the
+#                              restarted plugin must refuse to serve the
+#                              volume (its writes may be lost), so the kill
+#                              step fails with the pod's I/O error
 #
 # Needs root, containerd, runc, CNI plugins, iptables, debootstrap (.ci/run
 # installs them through hack/deps.sh). The first run builds the cluster
