@@ -231,14 +231,17 @@ func (c *serverConn) transmit(ctx context.Context, exp *Export) {
 		c.lender, _ = exp.Device.(backends.Lender)
 		c.wlender, _ = exp.Device.(writeLender)
 	}
-	c.spin.enabled = c.inline
+	// After STARTTLS the reader reads the TLS layer, not spin.
+	c.spin.enabled = c.inline && c.src == c.spin
 	c.reqs = make(chan *request, c.srv.cfg.MaxInFlight)
 	c.mem = semaphore.NewWeighted(c.srv.cfg.MaxBufferedBytes)
 	c.out.w = c.conn
 	c.out.release = c.mem.Release
 	log.V(2).Info("NBD transmission started", "size", c.size, "structured", c.structured)
 
+	defer c.spin.release() // also when a panic unwinds
 	err := c.readLoop(ctx)
+	c.spin.release()
 	c.out.flush()
 	graceful := err == nil || (c.stopping.Load() && isTimeout(err))
 	if !graceful {
@@ -275,11 +278,11 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 			return fmt.Errorf("writing replies: %w", err)
 		}
 		if c.inline && c.br.Buffered() < requestHeaderSize {
+			c.spin.setBatch(batch)
+			if c.spin.waitsEachAnswer() && c.out.queuedBytes() <= idleMaxFlush {
+				c.spin.prepare()
+			}
 			c.out.flush() // about to wait for the client: answer first
-			// Spin for the next request only when the client looks
-			// like it waits for each answer; a deep queue arrives in
-			// batches and would only burn the CPU it needs.
-			c.spin.eager = batch <= 1
 			batch = 0
 		}
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {

@@ -60,6 +60,13 @@ func (rw *replyWriter) queue(m *outMsg) int {
 	return rw.queued
 }
 
+// queuedBytes returns the bytes queued and not yet being written.
+func (rw *replyWriter) queuedBytes() int {
+	rw.mu.Lock()
+	defer rw.mu.Unlock()
+	return rw.queued
+}
+
 // flush writes whatever is queued.
 func (rw *replyWriter) flush() {
 	rw.mu.Lock()
