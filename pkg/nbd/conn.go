@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"golang.org/x/sync/semaphore"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends"
@@ -80,10 +81,36 @@ func newServerConn(s *Server, conn net.Conn) *serverConn {
 		raw:    conn,
 		remote: remoteName(conn),
 	}
+	if uc, ok := conn.(*net.UnixConn); ok {
+		setSendBuffer(uc, unixSendBuffer)
+	}
 	c.spin = newSpinReader(conn)
 	c.src = c.spin
 	c.br = bufio.NewReaderSize(c.spin, 128<<10)
 	return c
+}
+
+// unixSendBuffer is the send buffer of a unix socket connection. With
+// the usual 208 KiB, a 256 KiB reply does not fit: the reader waits for
+// the client to drain each one, and the client for the rest of it. With
+// 1 MiB, nbdcopy's sequential reads went from 2.8-3.6 to 3.9-4.2 GB/s
+// (1 and 4 connections); TCP tunes its own buffers.
+const unixSendBuffer = 1 << 20
+
+// setSendBuffer sets a connection's send buffer to n bytes, over
+// net.core.wmem_max where the process may (CAP_NET_ADMIN, as the node
+// plugin has), up to it otherwise.
+func setSendBuffer(uc *net.UnixConn, n int) {
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, n)
+	}); err != nil || serr != nil {
+		_ = uc.SetWriteBuffer(n)
+	}
 }
 
 func remoteName(conn net.Conn) string {
