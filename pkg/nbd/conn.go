@@ -259,10 +259,13 @@ func (c *serverConn) transmit(ctx context.Context, exp *Export) {
 		c.wlender, _ = exp.Device.(writeLender)
 	}
 	// After STARTTLS the reader reads the TLS layer, not spin.
-	c.spin.enabled = c.inline && c.src == c.spin
+	c.spin.enabled = c.inline && c.src == c.spin && c.spin.rc != nil
 	c.reqs = make(chan *request, c.srv.cfg.MaxInFlight)
 	c.mem = semaphore.NewWeighted(c.srv.cfg.MaxBufferedBytes)
 	c.out.w = c.conn
+	if c.spin.enabled {
+		c.out.useRaw(c.spin.rc)
+	}
 	c.out.release = c.mem.Release
 	log.V(2).Info("NBD transmission started", "size", c.size, "structured", c.structured)
 

@@ -4,8 +4,11 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
+	"unsafe"
 )
 
 // outMsg is one reply (or structured chunk) waiting to be written. It owns
@@ -28,6 +31,14 @@ type outMsg struct {
 type replyWriter struct {
 	w       io.Writer
 	release func(weight int64)
+	// raw, if set, is w's socket, written with writev(2) straight for
+	// the reason rawRead reads it so (set by the reader, for devices
+	// served inline).
+	raw    syscall.RawConn
+	rawFn  func(fd uintptr) bool
+	rawBuf [][]byte // what rawFn has left to write
+	rawIov []syscall.Iovec
+	rawErr error
 
 	mu       sync.Mutex
 	pending  []outMsg // waiting to be written
@@ -113,7 +124,12 @@ func (rw *replyWriter) writeLocked() {
 		}
 		rw.iovBack = iov
 		rw.iov = iov
-		_, err := rw.iov.WriteTo(rw.w)
+		var err error
+		if rw.raw != nil {
+			err = rw.writeRaw(iov)
+		} else {
+			_, err = rw.iov.WriteTo(rw.w)
+		}
 		for i := range rw.iovBack {
 			rw.iovBack[i] = nil
 		}
@@ -138,6 +154,79 @@ func (rw *replyWriter) writeLocked() {
 	}
 	rw.flushing = false
 	rw.mu.Unlock()
+}
+
+// useRaw makes the writer write rc, w's socket, with writev(2) itself.
+func (rw *replyWriter) useRaw(rc syscall.RawConn) {
+	rw.raw = rc
+	rw.rawFn = rw.writevRaw
+}
+
+// writeRaw writes bufs whole, waiting in the netpoller while the socket
+// is full (and failing at its write deadline, as net.Conn would).
+func (rw *replyWriter) writeRaw(bufs [][]byte) error {
+	rw.rawBuf, rw.rawErr = bufs, nil
+	err := rw.raw.Write(rw.rawFn)
+	rw.rawBuf = nil
+	if err != nil {
+		return err
+	}
+	return rw.rawErr
+}
+
+// rawMaxIov bounds the vectors of one writev (IOV_MAX is 1024), and
+// rawMaxWrite its bytes: the runtime cannot preempt a thread in a system
+// call it was not told about, so none may copy for long.
+const (
+	rawMaxIov   = 1024
+	rawMaxWrite = 1 << 20
+)
+
+func (rw *replyWriter) writevRaw(fd uintptr) bool {
+	for len(rw.rawBuf) > 0 {
+		iov, total := rw.rawIov[:0], 0
+		for _, b := range rw.rawBuf {
+			if len(iov) == rawMaxIov || total >= rawMaxWrite {
+				break
+			}
+			if len(b) > 0 {
+				iov = append(iov, syscall.Iovec{Base: &b[0]})
+				iov[len(iov)-1].SetLen(len(b))
+				total += len(b)
+			}
+		}
+		rw.rawIov = iov
+		if len(iov) == 0 {
+			break // empty buffers only
+		}
+		n, _, e := syscall.RawSyscall(syscall.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
+		clear(iov) // no pointers into freed replies kept
+		switch e {
+		case 0:
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return false // wait until writable
+		default:
+			rw.rawErr = os.NewSyscallError("writev", e)
+			return true
+		}
+		// Drop what was written.
+		for m := int(n); m > 0; {
+			if b := rw.rawBuf[0]; len(b) <= m {
+				m -= len(b)
+				rw.rawBuf = rw.rawBuf[1:]
+			} else {
+				rw.rawBuf[0] = b[m:]
+				m = 0
+			}
+		}
+		for len(rw.rawBuf) > 0 && len(rw.rawBuf[0]) == 0 {
+			rw.rawBuf = rw.rawBuf[1:]
+		}
+	}
+	rw.rawBuf = nil
+	return true
 }
 
 func (rw *replyWriter) free(m *outMsg) {

@@ -33,10 +33,13 @@ import (
 // Where it may, the spinning thread also drops to SCHED_IDLE for the
 // spin and for the write of the replies before it (see idleSpin): the
 // client is then woken on our CPU instead of on a halted one.
+//
+// It also reads with read(2) straight, not through the runtime's system
+// call entry (see rawRead).
 type spinReader struct {
 	conn    net.Conn
-	rc      syscall.RawConn // nil: plain conn.Read
-	enabled bool            // spin (set before transmission, by the reader)
+	rc      syscall.RawConn // nil: plain conn.Read (not TCP)
+	enabled bool            // read raw and spin (set before transmission, by the reader)
 	eager   bool            // spin on the next read (set by the reader)
 	held    bool            // this reader holds the spin slot
 	idle    bool            // its thread is locked and SCHED_IDLE
@@ -61,11 +64,13 @@ func newSpinReader(c net.Conn) *spinReader {
 	r.fn = r.try
 	// Only TCP: a unix socket wakes its reader synchronously, on the
 	// writer's CPU, so parking there is already cheap and spinning would
-	// only take the CPU the client wants.
+	// only take the CPU the client wants. Nor are its reads raw: at
+	// queue depth 1 over a unix socket, the sysmon wake-ups that raw
+	// system calls avoid are what keeps the other vCPU from halting
+	// (fio 4k random reads: 35-39k IOPS, 6.4 us median, against 21k and
+	// 60 us raw).
 	if tc, ok := c.(*net.TCPConn); ok {
-		if rc, err := tc.SyscallConn(); err == nil {
-			r.rc = rc
-		}
+		r.rc, _ = tc.SyscallConn()
 		if a, ok := tc.RemoteAddr().(*net.TCPAddr); ok && a.IP.IsLoopback() {
 			r.local = true
 		}
@@ -113,7 +118,7 @@ func (r *spinReader) waitsEachAnswer() bool { return r.singles >= idleAfterSingl
 // and, if it may, lowers the thread for the write and the spin. Every
 // prepare is followed by a Read or a release on the same goroutine.
 func (r *spinReader) prepare() {
-	if !r.enabled || r.rc == nil || !r.eager || r.held || !spinning.CompareAndSwap(false, true) {
+	if !r.enabled || !r.eager || r.held || !spinning.CompareAndSwap(false, true) {
 		return
 	}
 	r.held = true
@@ -144,11 +149,27 @@ func (r *spinReader) release() {
 	}
 }
 
-func (r *spinReader) try(fd uintptr) bool {
-	n, err := syscall.Read(int(fd), r.buf)
-	for err == syscall.EINTR {
-		n, err = syscall.Read(int(fd), r.buf)
+// rawRead is read(2) on a non-blocking socket without the runtime's
+// system call entry and exit: such a read never blocks, and at tens of
+// thousands of waits a second the entry's bookkeeping, and the sysmon
+// thread it wakes each time the process was idle, cost more than the
+// read (fio 4k random reads at depth 32 over TCP: +11% IOPS with
+// writeRaw; nbdcopy sequential reads: +10-20%).
+func rawRead(fd uintptr, p []byte) (int, error) {
+	for {
+		n, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(unsafe.SliceData(p))), uintptr(len(p)))
+		switch e {
+		case 0:
+			return int(n), nil
+		case syscall.EINTR:
+		default:
+			return 0, e
+		}
 	}
+}
+
+func (r *spinReader) try(fd uintptr) bool {
+	n, err := rawRead(fd, r.buf)
 	if r.idle {
 		r.together = err != syscall.EAGAIN
 	}
@@ -164,12 +185,15 @@ func (r *spinReader) try(fd uintptr) bool {
 				// (A SCHED_IDLE spinner is preempted by it anyway.)
 				syscall.RawSyscall(syscall.SYS_SCHED_YIELD, 0, 0, 0)
 			}
-			n, err = syscall.Read(int(fd), r.buf)
+			n, err = rawRead(fd, r.buf)
 		}
 	}
 	r.release()
 	if err == syscall.EAGAIN {
 		return false // park until readable
+	}
+	if err != nil {
+		err = os.NewSyscallError("read", err)
 	}
 	r.n, r.err = n, err
 	return true
