@@ -250,7 +250,7 @@ func (r *spinReader) Read(p []byte) (int, error) {
 // and a busy machine about one such wait a second.
 type idleSpin struct {
 	once  sync.Once
-	ok    bool
+	ok    atomic.Bool // SCHED_IDLE windows are possible
 	tid   atomic.Int32
 	since atomic.Int64 // when the open window opened (UnixNano); 0: none
 	until atomic.Int64 // no windows before this (UnixNano): backing off
@@ -339,12 +339,12 @@ func getcpu() int {
 
 func (s *idleSpin) enter(cpu int) bool {
 	s.once.Do(func() {
-		s.ok = s.probe() && unix.SchedGetaffinity(0, &s.mask) == nil
-		if s.ok {
+		s.ok.Store(s.probe() && unix.SchedGetaffinity(0, &s.mask) == nil)
+		if s.ok.Load() {
 			go s.watch()
 		}
 	})
-	if !s.ok {
+	if !s.ok.Load() {
 		return false
 	}
 	now := time.Now().UnixNano()
@@ -379,7 +379,7 @@ func (s *idleSpin) leave() {
 		// Cannot happen once probe passed; if it does, this thread
 		// stays locked to its goroutine and ends with it rather than
 		// serve others at SCHED_IDLE, and no window opens again.
-		s.ok = false
+		s.ok.Store(false)
 		s.since.Store(0)
 		s.until.Store(1 << 62)
 		klog.ErrorS(err, "NBD server: cannot restore the scheduling policy of a spinning thread; spinning at SCHED_IDLE is off")
@@ -387,7 +387,15 @@ func (s *idleSpin) leave() {
 	}
 	if s.narrowed {
 		s.narrowed = false
-		_ = unix.SchedSetaffinity(0, &s.mask)
+		if unix.SchedSetaffinity(0, &s.mask) != nil {
+			// The CPUs the process started with are gone (a cpuset
+			// changed): all it may use now, as the kernel clamps.
+			var all unix.CPUSet
+			for cpu := range len(all) * 64 {
+				all.Set(cpu)
+			}
+			_ = unix.SchedSetaffinity(0, &all)
+		}
 	}
 	s.since.Store(0)
 	runtime.UnlockOSThread()

@@ -295,9 +295,9 @@ func TestSpinTCPQueueDepth1(t *testing.T) {
 			switch {
 			case tc.tls != nil && opened != 0:
 				t.Errorf("%d windows opened for a TLS connection, which does not spin", opened)
-			case tc.tls == nil && idle.ok && opened == 0:
+			case tc.tls == nil && idle.ok.Load() && opened == 0:
 				t.Error("no window opened at queue depth 1")
-			case tc.tls == nil && !idle.ok && os.Geteuid() == 0:
+			case tc.tls == nil && !idle.ok.Load() && os.Geteuid() == 0:
 				t.Error("spinning at SCHED_IDLE is off for root")
 			}
 		})
