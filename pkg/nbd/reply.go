@@ -31,9 +31,8 @@ type outMsg struct {
 type replyWriter struct {
 	w       io.Writer
 	release func(weight int64)
-	// raw, if set, is w's socket, written with writev(2) straight for
-	// the reason rawRead reads it so (set by the reader, for devices
-	// served inline).
+	// raw, if set, is w's socket, written with writev(2) straight (set
+	// by the reader, for devices served inline).
 	raw    syscall.RawConn
 	rawFn  func(fd uintptr) bool
 	rawBuf [][]byte // what rawFn has left to write
