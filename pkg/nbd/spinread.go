@@ -329,14 +329,16 @@ func (s *idleSpin) probe() bool {
 	return <-ok
 }
 
-// enter opens a window on the calling goroutine's thread; true if it did,
-// and then the caller must call leave on the same goroutine.
+// getcpu is the CPU the calling thread runs on.
 func getcpu() int {
 	var cpu uint32
 	syscall.RawSyscall(unix.SYS_GETCPU, uintptr(unsafe.Pointer(&cpu)), 0, 0)
 	return int(cpu)
 }
 
+// enter opens a window on the calling goroutine's thread, moving it to
+// cpu unless that is -1; true if it did, and then the caller must call
+// leave on the same goroutine.
 func (s *idleSpin) enter(cpu int) bool {
 	s.once.Do(func() {
 		s.ok.Store(s.probe() && unix.SchedGetaffinity(0, &s.mask) == nil)
