@@ -52,6 +52,8 @@ type spinReader struct {
 	n        int
 	err      error
 	fn       func(fd uintptr) bool
+	cpu      int // the client's CPU, or -1 (set by cpuFn)
+	cpuFn    func(fd uintptr)
 }
 
 // spinning is the one spin slot shared by every connection.
@@ -62,6 +64,7 @@ const spinFor = 50 * time.Microsecond
 func newSpinReader(c net.Conn) *spinReader {
 	r := &spinReader{conn: c}
 	r.fn = r.try
+	r.cpuFn = r.incomingCPU
 	// Only TCP: a unix socket wakes its reader synchronously, on the
 	// writer's CPU, so parking there is already cheap and spinning would
 	// only take the CPU the client wants. Nor are its reads raw: at
@@ -125,15 +128,19 @@ func (r *spinReader) prepare() {
 	// A local client is best met on the CPU it last sent from (see
 	// idleSpin); not worth the two system calls while the last request
 	// was already waiting when the replies had been written.
-	cpu := -1
+	r.cpu = -1
 	if r.local && !r.together {
-		_ = r.rc.Control(func(fd uintptr) {
-			if v, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_INCOMING_CPU); err == nil {
-				cpu = v
-			}
-		})
+		_ = r.rc.Control(r.cpuFn)
 	}
-	r.idle = idle.enter(cpu)
+	r.idle = idle.enter(r.cpu)
+}
+
+// incomingCPU sets cpu to the CPU the client last sent from (bound once
+// as cpuFn, so that asking allocates nothing).
+func (r *spinReader) incomingCPU(fd uintptr) {
+	if v, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_INCOMING_CPU); err == nil {
+		r.cpu = v
+	}
 }
 
 // release ends what prepare began: the thread gets its policy back and
@@ -200,9 +207,8 @@ func (r *spinReader) try(fd uintptr) bool {
 }
 
 func (r *spinReader) Read(p []byte) (int, error) {
-	if !r.enabled || r.rc == nil {
-		r.release()
-		return r.conn.Read(p)
+	if !r.enabled { // (enabled implies rc)
+		return r.conn.Read(p) // nothing prepared: prepare needs enabled
 	}
 	if len(p) == 0 {
 		return 0, nil
