@@ -313,7 +313,9 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 		if err := c.out.failed(); err != nil {
 			return fmt.Errorf("writing replies: %w", err)
 		}
-		if c.inline && c.br.Buffered() < requestHeaderSize {
+		// Out of requests: answer them, unless the client is likely to
+		// send more in a moment (hold).
+		if c.inline && c.br.Buffered() < requestHeaderSize && !c.spin.hold(batch, c.out.queuedBytes()) {
 			c.spin.setBatch(batch)
 			if c.spin.waitsEachAnswer() && c.out.queuedBytes() <= idleMaxFlush {
 				c.spin.prepare()

@@ -54,6 +54,13 @@ type spinReader struct {
 	fn       func(fd uintptr) bool
 	cpu      int // the client's CPU, or -1 (set by cpuFn)
 	cpuFn    func(fd uintptr)
+
+	// Holding back replies (see hold.go).
+	depthCur, depthPrev int // largest batch in this window and the last
+	flushes             int // batches in this window
+	more                bool
+	one                 [1]byte
+	peekFn              func(fd uintptr)
 }
 
 // spinning is the one spin slot shared by every connection.
@@ -65,6 +72,7 @@ func newSpinReader(c net.Conn) *spinReader {
 	r := &spinReader{conn: c}
 	r.fn = r.try
 	r.cpuFn = r.incomingCPU
+	r.peekFn = r.peek
 	// Only TCP: a unix socket wakes its reader synchronously, on the
 	// writer's CPU, so parking there is already cheap and spinning would
 	// only take the CPU the client wants. Nor are its reads raw: at
@@ -107,6 +115,9 @@ func (r *spinReader) setBatch(n int) {
 		r.singles++
 	} else if n > 1 {
 		r.singles = 0
+	}
+	if n > 0 {
+		r.noteBatch(n)
 	}
 	r.eager = n <= 1 && r.singles >= spinAfterSingles
 }

@@ -1,0 +1,225 @@
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/csi-nbd/csi-nbd/pkg/backends/memory"
+)
+
+// tcpPair is a connected pair of loopback TCP connections.
+func tcpPair(t *testing.T) (client, server *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
+
+// The reader holds replies back only for a client that has lately had
+// more requests in flight than it holds, and only while one more may
+// come; the wait ends when a request arrives, and frees the spin slot.
+func TestHoldDecisions(t *testing.T) {
+	client, server := tcpPair(t)
+	r := newSpinReader(server)
+	r.enabled = true
+	if r.hold(1, 0) {
+		t.Fatal("held back for a client never seen with two requests in flight")
+	}
+	r.setBatch(4)
+	if r.depth() != 4 {
+		t.Fatalf("depth %d after a batch of 4", r.depth())
+	}
+	waits := holdStats.waits.Load()
+	start := time.Now()
+	if r.hold(1, 0) {
+		t.Fatal("a wait on an empty socket found a request")
+	}
+	t.Logf("an empty wait took %v", time.Since(start))
+	if holdStats.waits.Load() != waits+1 || spinning.Load() || r.held {
+		t.Fatal("the wait was not counted or left the spin slot held")
+	}
+	if _, err := client.Write([]byte{0x25}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !r.hold(1, 0) { // the byte may take a moment over loopback
+		if time.Now().After(deadline) {
+			t.Fatal("a wait never saw the byte the client sent")
+		}
+	}
+	if !r.hold(3, holdMaxBytes) {
+		t.Fatal("the peek consumed the byte, or 64 KiB held was too much")
+	}
+	for _, c := range []struct {
+		what      string
+		n, queued int
+	}{
+		{"nothing held", 0, 0},
+		{"as many as the client had in flight", 4, 0},
+		{"more than 64 KiB", 1, holdMaxBytes + 1},
+	} {
+		if r.hold(c.n, c.queued) {
+			t.Errorf("held back with %s", c.what)
+		}
+	}
+	spinning.Store(true) // another connection spins
+	if r.hold(1, 0) {
+		t.Error("held back while another connection had the spin slot")
+	}
+	spinning.Store(false)
+	r.setBatch(16)
+	if r.hold(holdMax, 0) {
+		t.Errorf("held back %d replies", holdMax)
+	}
+	r.enabled = false
+	if r.hold(1, 0) {
+		t.Error("held back on a connection that does not spin (TLS)")
+	}
+	r.enabled = true
+	// A client that turns to one request at a time stops being held
+	// back within two windows, and spins for as it did.
+	for range 2 * depthWindow {
+		r.setBatch(1)
+	}
+	if r.depth() != 1 || r.hold(1, 0) {
+		t.Errorf("depth %d after %d single requests; still held back", r.depth(), 2*depthWindow)
+	}
+	var b [1]byte
+	if _, err := io.ReadFull(r.conn, b[:]); err != nil || b[0] != 0x25 {
+		t.Fatalf("read %x, %v after the peeks: want the byte sent", b, err)
+	}
+	if n := testing.AllocsPerRun(100, func() { r.setBatch(4); r.hold(1, 0) }); n != 0 {
+		t.Errorf("%v allocations per wait", n)
+	}
+}
+
+// rawTransmission opens a TCP connection to s's default export, with
+// structured replies, and returns it in transmission.
+func rawTransmission(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	greeting := make([]byte, 18)
+	if _, err := io.ReadFull(c, greeting); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write(handshakePrefix("")); err != nil {
+		t.Fatal(err)
+	}
+	for acks := 0; acks < 3; { // structured reply, meta context, go
+		var h [20]byte
+		if _, err := io.ReadFull(c, h[:]); err != nil {
+			t.Fatal(err)
+		}
+		if typ := binary.BigEndian.Uint32(h[12:]); typ == repAck {
+			acks++
+		} else if typ&(1<<31) != 0 {
+			t.Fatalf("option %d refused: %#x", binary.BigEndian.Uint32(h[8:]), typ)
+		}
+		if _, err := io.CopyN(io.Discard, c, int64(binary.BigEndian.Uint32(h[16:]))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return c
+}
+
+// readReplies reads n structured replies to 4 KiB reads, each one
+// OFFSET_DATA chunk with the done flag, and returns their data by cookie.
+func readReplies(t *testing.T, c net.Conn, n int) map[uint64][]byte {
+	t.Helper()
+	got := map[uint64][]byte{}
+	for range n {
+		var h [28]byte // chunk header and offset
+		if _, err := io.ReadFull(c, h[:]); err != nil {
+			t.Fatal(err)
+		}
+		if typ, l := binary.BigEndian.Uint16(h[6:]), binary.BigEndian.Uint32(h[16:]); typ != replyTypeOffsetData || l != 8+4096 {
+			t.Fatalf("reply chunk of type %d and %d bytes: want 4 KiB of data", typ, l)
+		}
+		data := make([]byte, 4096)
+		if _, err := io.ReadFull(c, data); err != nil {
+			t.Fatal(err)
+		}
+		got[binary.BigEndian.Uint64(h[8:])] = data
+	}
+	return got
+}
+
+// Over a real connection: a burst sent in pieces is answered in full,
+// and a single request sent after a deep queue is answered without
+// another to end the wait.
+func TestHoldTCP(t *testing.T) {
+	dev := memory.New(1 << 20)
+	want := make([]byte, 1<<20)
+	for i := range want {
+		want[i] = byte(i * 7 / 4096)
+	}
+	if err := dev.WriteAt(context.Background(), want, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	s := startServer(t, staticExports{"": {Device: dev}})
+	c := rawTransmission(t, s.tcp)
+	check := func(got map[uint64][]byte, cookies ...uint64) {
+		t.Helper()
+		for _, k := range cookies {
+			if off := k * 4096; !bytes.Equal(got[k], want[off:off+4096]) {
+				t.Fatalf("reply to read %d: wrong or missing data", k)
+			}
+		}
+	}
+	var burst []byte
+	for k := range uint64(6) {
+		burst = append(burst, reqBytes(0, CmdRead, k, k*4096, 4096)...)
+	}
+	if _, err := c.Write(burst); err != nil { // one batch of 6: depth 6
+		t.Fatal(err)
+	}
+	check(readReplies(t, c, 6), 0, 1, 2, 3, 4, 5)
+	waits, filled := holdStats.waits.Load(), holdStats.filled.Load()
+	if _, err := c.Write(reqBytes(0, CmdRead, 7, 7*4096, 4096)); err != nil {
+		t.Fatal(err)
+	}
+	check(readReplies(t, c, 1), 7)
+	if holdStats.waits.Load() == waits {
+		t.Fatal("no wait for more after one request from a client at depth 6")
+	}
+	if holdStats.filled.Load() != filled {
+		t.Fatal("a wait was ended by a request nobody sent")
+	}
+	// The pieces of a burst, a millisecond apart: every request is
+	// answered, whether it arrived within a wait or after one.
+	for k := uint64(8); k < 40; k++ {
+		if _, err := c.Write(reqBytes(0, CmdRead, k, k*4096, 4096)); err != nil {
+			t.Fatal(err)
+		}
+		if k%4 == 0 {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	got := readReplies(t, c, 32)
+	for k := uint64(8); k < 40; k++ {
+		check(got, k)
+	}
+	t.Logf("%d waits, %d ended by a request", holdStats.waits.Load()-waits, holdStats.filled.Load()-filled)
+}
