@@ -86,7 +86,7 @@ for tr in $TRANSPORTS; do
       row "$tr nbdcopy seq $dir ${MIB} MiB, $conns conn (MB/s)" "${c[@]}" -- "${k[@]}"
     done
   done
-  for job in "randread 4k 1" "randread 4k 32" "write 1m 8"; do
+  for job in "randread 4k 1" "randread 4k 4" "randread 4k 8" "randread 4k 32" "write 1m 8"; do
     set -- $job
     ci=(); ki=(); cp50=(); kp50=(); cp99=(); kp99=(); cbw=(); kbw=()
     for _ in $(seq "$ROUNDS"); do

@@ -33,8 +33,9 @@ func tcpPair(t *testing.T) (client, server *net.TCPConn) {
 }
 
 // The reader holds replies back only for a client that has lately had
-// more requests in flight than it holds, and only while one more may
-// come; the wait ends when a request arrives, and frees the spin slot.
+// more than twice as many requests in flight as it holds, and only while
+// one more may come; the wait ends when a request arrives, and frees the
+// spin slot.
 func TestHoldDecisions(t *testing.T) {
 	client, server := tcpPair(t)
 	r := newSpinReader(server)
@@ -42,9 +43,9 @@ func TestHoldDecisions(t *testing.T) {
 	if r.hold(1, 0) {
 		t.Fatal("held back for a client never seen with two requests in flight")
 	}
-	r.setBatch(4)
-	if r.depth() != 4 {
-		t.Fatalf("depth %d after a batch of 4", r.depth())
+	r.setBatch(8)
+	if r.depth() != 8 {
+		t.Fatalf("depth %d after a batch of 8", r.depth())
 	}
 	waits := holdStats.waits.Load()
 	start := time.Now()
@@ -72,7 +73,7 @@ func TestHoldDecisions(t *testing.T) {
 		n, queued int
 	}{
 		{"nothing held", 0, 0},
-		{"as many as the client had in flight", 4, 0},
+		{"half as many as the client had in flight", 4, 0},
 		{"more than 64 KiB", 1, holdMaxBytes + 1},
 	} {
 		if r.hold(c.n, c.queued) {
@@ -94,7 +95,7 @@ func TestHoldDecisions(t *testing.T) {
 	}
 	r.enabled = true
 	// A client that turns to one request at a time stops being held
-	// back within two windows, and spins for as it did.
+	// back within two windows.
 	for range 2 * depthWindow {
 		r.setBatch(1)
 	}
@@ -110,11 +111,11 @@ func TestHoldDecisions(t *testing.T) {
 	}
 }
 
-// rawTransmission opens a TCP connection to s's default export, with
+// rawTransmission opens a connection to a server's default export, with
 // structured replies, and returns it in transmission.
-func rawTransmission(t *testing.T, addr string) net.Conn {
+func rawTransmission(t *testing.T, network, addr string) net.Conn {
 	t.Helper()
-	c, err := net.Dial("tcp", addr)
+	c, err := net.Dial(network, addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -166,10 +167,10 @@ func readReplies(t *testing.T, c net.Conn, n int) map[uint64][]byte {
 	return got
 }
 
-// Over a real connection: a burst sent in pieces is answered in full,
-// and a single request sent after a deep queue is answered without
-// another to end the wait.
-func TestHoldTCP(t *testing.T) {
+// Over a real connection, TCP or unix: a burst sent in pieces is
+// answered in full, and a single request sent after a deep queue is
+// answered without another to end the wait.
+func TestHold(t *testing.T) {
 	dev := memory.New(1 << 20)
 	want := make([]byte, 1<<20)
 	for i := range want {
@@ -179,7 +180,12 @@ func TestHoldTCP(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := startServer(t, staticExports{"": {Device: dev}})
-	c := rawTransmission(t, s.tcp)
+	for _, n := range []struct{ network, addr string }{{"tcp", s.tcp}, {"unix", s.sock}} {
+		t.Run(n.network, func(t *testing.T) { testHold(t, rawTransmission(t, n.network, n.addr), want) })
+	}
+}
+
+func testHold(t *testing.T, c net.Conn, want []byte) {
 	check := func(got map[uint64][]byte, cookies ...uint64) {
 		t.Helper()
 		for _, k := range cookies {

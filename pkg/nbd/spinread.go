@@ -19,26 +19,27 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// spinReader reads a TCP socket like net.Conn.Read, but when the socket is
-// empty it first polls it for a few microseconds before parking in the
-// runtime's netpoller. Over TCP loopback, a parked reader is woken through
-// epoll and an idle CPU some tens of microseconds after the data arrives;
-// a client at queue depth 1 sends its next request within the spin (here
-// fio's 4k random reads went from a 46 us median to 7-19 us, and from 18k
-// to 45-60k IOPS; yielding inside the spin is what lets a client woken on
-// the spinning CPU run at once). At most one connection in the
-// process spins at a time, so the spinning never takes more than one CPU
-// from real work.
+// spinReader reads a TCP or unix socket like net.Conn.Read, but when the
+// socket is empty it may first poll it for a few microseconds before
+// parking in the runtime's netpoller (see spinChoice for when). Over TCP
+// loopback, a parked reader is woken through epoll and an idle CPU some
+// tens of microseconds after the data arrives; a client at queue depth 1
+// sends its next request within the spin (here fio's 4k random reads
+// went from a 46 us median to 7-19 us, and from 18k to 45-60k IOPS;
+// yielding inside the spin is what lets a client woken on the spinning
+// CPU run at once). At most one connection in the process spins at a
+// time, so the spinning never takes more than one CPU from real work.
 //
 // Where it may, the spinning thread also drops to SCHED_IDLE for the
 // spin and for the write of the replies before it (see idleSpin): the
 // client is then woken on our CPU instead of on a halted one.
 //
 // It also reads with read(2) straight, not through the runtime's system
-// call entry (see rawRead).
+// call entry (see rawRead), and holds replies back for a deep queue (see
+// hold.go).
 type spinReader struct {
 	conn    net.Conn
-	rc      syscall.RawConn // nil: plain conn.Read (not TCP)
+	rc      syscall.RawConn // nil: plain conn.Read (neither TCP nor unix)
 	enabled bool            // read raw and spin (set before transmission, by the reader)
 	eager   bool            // spin on the next read (set by the reader)
 	held    bool            // this reader holds the spin slot
@@ -54,6 +55,9 @@ type spinReader struct {
 	fn       func(fd uintptr) bool
 	cpu      int // the client's CPU, or -1 (set by cpuFn)
 	cpuFn    func(fd uintptr)
+
+	choice spinChoice
+	unix   bool // a unix socket: no SCHED_IDLE, no raw reads unless eager
 
 	// Holding back replies (see hold.go).
 	depthCur, depthPrev int // largest batch in this window and the last
@@ -73,13 +77,18 @@ func newSpinReader(c net.Conn) *spinReader {
 	r.fn = r.try
 	r.cpuFn = r.incomingCPU
 	r.peekFn = r.peek
-	// Only TCP: a unix socket wakes its reader synchronously, on the
-	// writer's CPU, so parking there is already cheap and spinning would
-	// only take the CPU the client wants. Nor are its reads raw: at
-	// queue depth 1 over a unix socket, the sysmon wake-ups that raw
-	// system calls avoid are what keeps the other vCPU from halting
-	// (fio 4k random reads: 35-39k IOPS, 6.4 us median, against 21k and
-	// 60 us raw).
+	// A unix socket spins and holds replies back too, as spinChoice
+	// finds best (fio 4k random reads at depth 4: 52-66k -> 150-194k
+	// IOPS; depth 32: 213k -> 277-295k), but it never opens SCHED_IDLE
+	// windows: it wakes its reader synchronously, on the writer's CPU,
+	// already. Nor are its reads raw while it does not spin: at depth 1,
+	// the sysmon wake-ups that raw system calls avoid are what keeps
+	// the other vCPU from halting (35-39k IOPS, 6.4 us median, against
+	// 21k and 60 us raw).
+	if uc, ok := c.(*net.UnixConn); ok {
+		r.rc, _ = uc.SyscallConn()
+		r.unix = true
+	}
 	if tc, ok := c.(*net.TCPConn); ok {
 		r.rc, _ = tc.SyscallConn()
 		if a, ok := tc.RemoteAddr().(*net.TCPAddr); ok && a.IP.IsLoopback() {
@@ -94,32 +103,27 @@ func newSpinReader(c net.Conn) *spinReader {
 // big reply's round trip gains little from the placement anyway.
 const idleMaxFlush = 64 << 10
 
-// A client that waits for each answer sends its requests one at a time;
-// one with a deep queue sends them in batches, and spinning for it only
-// burns the CPU it needs. A deep queue also trickles one request at a
-// time now and then (fio at depth 32: some 18k waits a second, 800 of
-// them after 64 single requests in a row), so a client must have sent
-// spinAfterSingles single requests in a row before the reader spins for
-// it (fio at depth 32: +3-10% IOPS), and idleAfterSingles before the
-// spin goes SCHED_IDLE and pins the thread to the client's CPU, which
-// would put the two on one CPU with the other idle.
-const (
-	spinAfterSingles = 64
-	idleAfterSingles = 256
-)
+// A client that has sent idleAfterSingles single requests in a row waits
+// for each answer: the reader always spins for it, and at SCHED_IDLE on
+// the client's CPU (see idleSpin). For any other, spinChoice decides. A
+// deep queue also trickles single requests now and then (fio at depth
+// 32: some 18k waits a second, 800 of them after 64 single requests in a
+// row), which must not put the two on one CPU with the other idle.
+const idleAfterSingles = 256
 
 // setBatch tells how many requests the reader served since it last
 // waited for the client (0: none inline, which changes nothing).
 func (r *spinReader) setBatch(n int) {
+	if n == 0 {
+		return
+	}
 	if n == 1 {
 		r.singles++
-	} else if n > 1 {
+	} else {
 		r.singles = 0
 	}
-	if n > 0 {
-		r.noteBatch(n)
-	}
-	r.eager = n <= 1 && r.singles >= spinAfterSingles
+	r.noteBatch(n)
+	r.eager = r.choice.served(n, time.Now()) || (r.waitsEachAnswer() && !r.unix)
 }
 
 // waitsEachAnswer tells whether the client has long sent one request at
@@ -132,7 +136,7 @@ func (r *spinReader) waitsEachAnswer() bool { return r.singles >= idleAfterSingl
 // and, if it may, lowers the thread for the write and the spin. Every
 // prepare is followed by a Read or a release on the same goroutine.
 func (r *spinReader) prepare() {
-	if !r.enabled || !r.eager || r.held || !spinning.CompareAndSwap(false, true) {
+	if !r.enabled || r.unix || !r.eager || r.held || !spinning.CompareAndSwap(false, true) {
 		return
 	}
 	r.held = true
@@ -218,7 +222,7 @@ func (r *spinReader) try(fd uintptr) bool {
 }
 
 func (r *spinReader) Read(p []byte) (int, error) {
-	if !r.enabled { // (enabled implies rc)
+	if !r.enabled || (r.unix && !r.eager) { // (enabled implies rc)
 		return r.conn.Read(p) // nothing prepared: prepare needs enabled
 	}
 	if len(p) == 0 {

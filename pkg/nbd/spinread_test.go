@@ -197,43 +197,48 @@ func TestSpinBatches(t *testing.T) {
 	var r spinReader
 	for i := range idleAfterSingles {
 		r.setBatch(1)
-		if r.eager != (i+1 >= spinAfterSingles) || r.waitsEachAnswer() != (i+1 == idleAfterSingles) {
-			t.Fatalf("after %d single requests: spin %v, waits for each answer %v", i+1, r.eager, r.waitsEachAnswer())
+		if r.waitsEachAnswer() != (i+1 == idleAfterSingles) {
+			t.Fatalf("after %d single requests: waits for each answer %v", i+1, r.waitsEachAnswer())
 		}
+	}
+	if !r.eager {
+		t.Fatal("not spinning for a client that waits for each answer")
 	}
 	if r.setBatch(0); !r.waitsEachAnswer() || !r.eager {
 		t.Fatal("an empty batch (requests served by workers) ended the run")
 	}
-	if r.setBatch(2); r.waitsEachAnswer() || r.eager {
+	if r.setBatch(2); r.waitsEachAnswer() {
 		t.Fatal("a batch of two did not end the run")
 	}
-	if r.setBatch(1); r.eager {
-		t.Fatal("spinning again after one single request")
+	if r.depth() != 2 {
+		t.Fatalf("depth %d after a batch of 2", r.depth())
 	}
 }
 
 // At queue depth 1 over TCP the reader spins in windows at SCHED_IDLE;
 // every byte still arrives, and no thread is left lowered or slot held,
-// also when the connection turned to TLS and spinning is off.
+// also when the connection turned to TLS and spinning is off, or is a
+// unix socket, which spins but opens no windows.
 func TestSpinTCPQueueDepth1(t *testing.T) {
 	const size = 4 << 20
 	ca := testpki.NewCA(t, "spin test CA")
-	s := startServer(t, staticExports{"plain": {Device: memory.New(size)}, "tls": {Device: memory.New(size)}}, func(c *ServerConfig) {
+	s := startServer(t, staticExports{"plain": {Device: memory.New(size)}, "tls": {Device: memory.New(size)}, "unix": {Device: memory.New(size)}}, func(c *ServerConfig) {
 		c.TLSMode = TLSOn
 		c.TLS = ca.ServerConfig(t)
 	})
 	for _, tc := range []struct {
-		name string
-		tls  *tls.Config
+		name, uri string
+		tls       *tls.Config
 	}{
-		{"plain", nil},
-		{"tls", &tls.Config{RootCAs: ca.Pool(), ServerName: "localhost"}},
+		{"plain", "nbd://" + s.tcp + "/plain", nil},
+		{"tls", "nbd://" + s.tcp + "/tls", &tls.Config{RootCAs: ca.Pool(), ServerName: "localhost"}},
+		{"unix", "nbd+unix:///unix?socket=" + s.sock, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
 			idle.until.Store(0) // no back-off left by earlier tests
 			before := idle.windows.Load()
-			c, err := Dial(ctx, "nbd://"+s.tcp+"/"+tc.name, ClientConfig{TLS: tc.tls})
+			c, err := Dial(ctx, tc.uri, ClientConfig{TLS: tc.tls})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -295,11 +300,52 @@ func TestSpinTCPQueueDepth1(t *testing.T) {
 			switch {
 			case tc.tls != nil && opened != 0:
 				t.Errorf("%d windows opened for a TLS connection, which does not spin", opened)
-			case tc.tls == nil && idle.ok.Load() && opened == 0:
+			case tc.name == "unix" && opened != 0:
+				t.Errorf("%d windows opened for a unix socket", opened)
+			case tc.name == "plain" && idle.ok.Load() && opened == 0:
 				t.Error("no window opened at queue depth 1")
-			case tc.tls == nil && !idle.ok.Load() && os.Geteuid() == 0:
+			case tc.name == "plain" && !idle.ok.Load() && os.Geteuid() == 0:
 				t.Error("spinning at SCHED_IDLE is off for root")
 			}
 		})
+	}
+}
+
+// Over a unix socket (the node plugin's socketpair) the reader spins
+// with raw reads when told to and reads through the runtime otherwise,
+// and never lowers its thread.
+func TestSpinUnix(t *testing.T) {
+	client, server := socketPair(t)
+	defer client.Close()
+	defer server.Close()
+	r := newSpinReader(server)
+	if !r.unix || r.rc == nil {
+		t.Fatal("a unix socket is not read as one")
+	}
+	r.enabled = true
+	windows := idle.windows.Load()
+	for _, eager := range []bool{true, false, true} {
+		r.eager = eager
+		for i := range idleAfterSingles {
+			r.singles = i // waits for each answer by the end
+			r.prepare()
+			go func() {
+				time.Sleep(20 * time.Microsecond)
+				client.Write([]byte{byte(i)})
+			}()
+			var b [1]byte
+			if n, err := r.Read(b[:]); n != 1 || err != nil || b[0] != byte(i) {
+				t.Fatalf("spinning %v: read %d (%x), %v: want byte %x", eager, n, b[:n], err, byte(i))
+			}
+			if spinning.Load() || r.held || r.idle {
+				t.Fatalf("spinning %v: the spin slot or SCHED_IDLE left held after a read", eager)
+			}
+		}
+	}
+	if n := idle.windows.Load() - windows; n != 0 {
+		t.Errorf("%d windows at SCHED_IDLE for a unix socket", n)
+	}
+	if l := idleThreads(t); len(l) > 0 {
+		t.Errorf("threads left at SCHED_IDLE: %v", l)
 	}
 }
