@@ -21,16 +21,22 @@ func choiceRun(c *spinChoice, now *time.Time, epochs int, rate func(spin bool) f
 	return spun
 }
 
+// served is a client served at without requests a second by a reader that
+// does not spin, at with by one that does.
+func served(without, with float64) func(spin bool) float64 {
+	return func(spin bool) float64 {
+		if spin {
+			return with
+		}
+		return without
+	}
+}
+
 func TestSpinChoice(t *testing.T) {
 	now := time.Unix(1e9, 0)
 	var c spinChoice
 	// Depth 2 over TCP: spinning serves three times as many.
-	shallow := func(spin bool) float64 {
-		if spin {
-			return 75e3
-		}
-		return 25e3
-	}
+	shallow := served(25e3, 75e3)
 	choiceRun(&c, &now, 2, shallow) // one epoch each way
 	if spun := choiceRun(&c, &now, 10*choiceExplore, shallow); spun != 10*choiceExplore-10 {
 		t.Errorf("%d of %d epochs spun for a client served 3x faster so: want all but one in %d", spun, 10*choiceExplore, choiceExplore)
@@ -43,23 +49,13 @@ func TestSpinChoice(t *testing.T) {
 	}
 	// The client turns to a deep queue: spinning now serves fewer, and
 	// the reader stops within a few trials of not spinning.
-	deep := func(spin bool) float64 {
-		if spin {
-			return 130e3
-		}
-		return 170e3
-	}
+	deep := served(170e3, 130e3)
 	choiceRun(&c, &now, 4*choiceExplore, deep)
 	if spun := choiceRun(&c, &now, 10*choiceExplore, deep); spun != 10 {
 		t.Errorf("%d of %d epochs spun for a client served slower so: want one in %d", spun, 10*choiceExplore, choiceExplore)
 	}
 	// Within the margin, the CPU is not worth it.
-	close := func(spin bool) float64 {
-		if spin {
-			return 115e3
-		}
-		return 100e3
-	}
+	close := served(100e3, 115e3)
 	choiceRun(&c, &now, 4*choiceExplore, close)
 	if spun := choiceRun(&c, &now, 10*choiceExplore, close); spun != 10 {
 		t.Errorf("%d of %d epochs spun for 15%% more: want one in %d", spun, 10*choiceExplore, choiceExplore)
