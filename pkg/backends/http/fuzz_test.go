@@ -79,7 +79,9 @@ func FuzzRedact(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, s string) {
 		r := Redact(s)
-		if i := strings.IndexByte(s, '?'); i >= 0 && i+1 < len(s) && strings.Contains(r, s[i:]) && len(s[i:]) > 2 {
+		// The marker that replaces a query is no part of it, even where
+		// its bytes begin like the query's ("?\xe2\x80").
+		if i := strings.IndexByte(s, '?'); i >= 0 && i+1 < len(s) && strings.Contains(strings.TrimSuffix(r, "?…"), s[i:]) && len(s[i:]) > 2 {
 			t.Fatalf("Redact(%q) = %q keeps the query", s, r)
 		}
 		if Redact(r) != r {
