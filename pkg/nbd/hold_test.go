@@ -3,7 +3,6 @@ package nbd
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"io"
 	"net"
 	"testing"
@@ -111,58 +110,17 @@ func TestHoldDecisions(t *testing.T) {
 	}
 }
 
-// rawTransmission opens a connection to a server's default export, with
-// structured replies, and returns it in transmission.
-func rawTransmission(t *testing.T, network, addr string) net.Conn {
-	t.Helper()
-	c, err := net.Dial(network, addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	greeting := make([]byte, 18)
-	if _, err := io.ReadFull(c, greeting); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Write(handshakePrefix("")); err != nil {
-		t.Fatal(err)
-	}
-	for acks := 0; acks < 3; { // structured reply, meta context, go
-		var h [20]byte
-		if _, err := io.ReadFull(c, h[:]); err != nil {
-			t.Fatal(err)
-		}
-		if typ := binary.BigEndian.Uint32(h[12:]); typ == repAck {
-			acks++
-		} else if typ&(1<<31) != 0 {
-			t.Fatalf("option %d refused: %#x", binary.BigEndian.Uint32(h[8:]), typ)
-		}
-		if _, err := io.CopyN(io.Discard, c, int64(binary.BigEndian.Uint32(h[16:]))); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return c
-}
-
-// readReplies reads n structured replies to 4 KiB reads, each one
-// OFFSET_DATA chunk with the done flag, and returns their data by cookie.
-func readReplies(t *testing.T, c net.Conn, n int) map[uint64][]byte {
-	t.Helper()
+// readReplies reads n replies to 4 KiB reads, each one OFFSET_DATA chunk
+// with the done flag, and returns their data by cookie.
+func readReplies(r *rawConn, n int) map[uint64][]byte {
+	r.t.Helper()
 	got := map[uint64][]byte{}
 	for range n {
-		var h [28]byte // chunk header and offset
-		if _, err := io.ReadFull(c, h[:]); err != nil {
-			t.Fatal(err)
+		rep := r.readReply()
+		if rep.typ != replyTypeOffsetData || rep.flags&replyFlagDone == 0 || len(rep.data) != 4096 {
+			r.t.Fatalf("reply chunk of type %d, flags %#x and %d bytes: want 4 KiB of data, done", rep.typ, rep.flags, len(rep.data))
 		}
-		if typ, l := binary.BigEndian.Uint16(h[6:]), binary.BigEndian.Uint32(h[16:]); typ != replyTypeOffsetData || l != 8+4096 {
-			t.Fatalf("reply chunk of type %d and %d bytes: want 4 KiB of data", typ, l)
-		}
-		data := make([]byte, 4096)
-		if _, err := io.ReadFull(c, data); err != nil {
-			t.Fatal(err)
-		}
-		got[binary.BigEndian.Uint64(h[8:])] = data
+		got[rep.cookie] = rep.data
 	}
 	return got
 }
@@ -181,11 +139,15 @@ func TestHold(t *testing.T) {
 	}
 	s := startServer(t, staticExports{"": {Device: dev}})
 	for _, n := range []struct{ network, addr string }{{"tcp", s.tcp}, {"unix", s.sock}} {
-		t.Run(n.network, func(t *testing.T) { testHold(t, rawTransmission(t, n.network, n.addr), want) })
+		t.Run(n.network, func(t *testing.T) {
+			r := rawDialAddr(t, n.network, n.addr)
+			r.negotiate("", true)
+			testHold(t, r, want)
+		})
 	}
 }
 
-func testHold(t *testing.T, c net.Conn, want []byte) {
+func testHold(t *testing.T, r *rawConn, want []byte) {
 	check := func(got map[uint64][]byte, cookies ...uint64) {
 		t.Helper()
 		for _, k := range cookies {
@@ -196,17 +158,13 @@ func testHold(t *testing.T, c net.Conn, want []byte) {
 	}
 	var burst []byte
 	for k := range uint64(6) {
-		burst = append(burst, reqBytes(0, CmdRead, k, k*4096, 4096)...)
+		burst = append(burst, rawRequest(0, CmdRead, k, k*4096, 4096)...)
 	}
-	if _, err := c.Write(burst); err != nil { // one batch of 6: depth 6
-		t.Fatal(err)
-	}
-	check(readReplies(t, c, 6), 0, 1, 2, 3, 4, 5)
+	r.write(burst) // one batch of 6: depth 6
+	check(readReplies(r, 6), 0, 1, 2, 3, 4, 5)
 	waits, filled := holdStats.waits.Load(), holdStats.filled.Load()
-	if _, err := c.Write(reqBytes(0, CmdRead, 7, 7*4096, 4096)); err != nil {
-		t.Fatal(err)
-	}
-	check(readReplies(t, c, 1), 7)
+	r.send(0, CmdRead, 7, 7*4096, 4096, nil)
+	check(readReplies(r, 1), 7)
 	if holdStats.waits.Load() == waits {
 		t.Fatal("no wait for more after one request from a client at depth 6")
 	}
@@ -216,14 +174,12 @@ func testHold(t *testing.T, c net.Conn, want []byte) {
 	// The pieces of a burst, a millisecond apart: every request is
 	// answered, whether it arrived within a wait or after one.
 	for k := uint64(8); k < 40; k++ {
-		if _, err := c.Write(reqBytes(0, CmdRead, k, k*4096, 4096)); err != nil {
-			t.Fatal(err)
-		}
+		r.send(0, CmdRead, k, k*4096, 4096, nil)
 		if k%4 == 0 {
 			time.Sleep(time.Millisecond)
 		}
 	}
-	got := readReplies(t, c, 32)
+	got := readReplies(r, 32)
 	for k := uint64(8); k < 40; k++ {
 		check(got, k)
 	}
