@@ -220,11 +220,7 @@ func (rw *replyWriter) writevRaw(fd uintptr) bool {
 				m = 0
 			}
 		}
-		for len(rw.rawBuf) > 0 && len(rw.rawBuf[0]) == 0 {
-			rw.rawBuf = rw.rawBuf[1:]
-		}
 	}
-	rw.rawBuf = nil
 	return true
 }
 
