@@ -313,7 +313,7 @@ func TestSpinTCPQueueDepth1(t *testing.T) {
 
 // Over a unix socket (the node plugin's socketpair) the reader spins
 // with raw reads when told to and reads through the runtime otherwise,
-// and never lowers its thread.
+// and never lowers its thread, even when asked to prepare a window.
 func TestSpinUnix(t *testing.T) {
 	client, server := socketPair(t)
 	defer client.Close()
@@ -323,11 +323,14 @@ func TestSpinUnix(t *testing.T) {
 		t.Fatal("a unix socket is not read as one")
 	}
 	r.enabled = true
+	raw := 0 // reads through the raw path (try)
+	try := r.fn
+	r.fn = func(fd uintptr) bool { raw++; return try(fd) }
 	windows := idle.windows.Load()
 	for _, eager := range []bool{true, false, true} {
 		r.eager = eager
+		before := raw
 		for i := range idleAfterSingles {
-			r.singles = i // waits for each answer by the end
 			r.prepare()
 			go func() {
 				time.Sleep(20 * time.Microsecond)
@@ -340,6 +343,9 @@ func TestSpinUnix(t *testing.T) {
 			if spinning.Load() || r.held || r.idle {
 				t.Fatalf("spinning %v: the spin slot or SCHED_IDLE left held after a read", eager)
 			}
+		}
+		if (raw > before) != eager {
+			t.Errorf("spinning %v: %d reads went the raw way", eager, raw-before)
 		}
 	}
 	if n := idle.windows.Load() - windows; n != 0 {
