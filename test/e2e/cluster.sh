@@ -216,7 +216,8 @@ cluster_up() {
 
   # What the node needs of the host, recorded so cluster_down can give
   # it back: two sysctls, and the chains a kubelet makes for itself
-  # and never removes (if none were there before ours).
+  # and never removes (if none were there before ours). A record left
+  # by a run that never came down is the older truth: kept.
   [ -f "$E2E_DIR/host" ] || {
     echo "sysctl -qw net.ipv4.conf.all.route_localnet=$(sysctl -n net.ipv4.conf.all.route_localnet) net.ipv4.ip_forward=$(sysctl -n net.ipv4.ip_forward)"
     iptables -S KUBE-FIREWALL >/dev/null 2>&1 || echo kubelet_chains_down
