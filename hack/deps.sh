@@ -53,5 +53,42 @@ for spec in "${go_tools[@]}"; do
   fi
 done
 
+# qemu >= 8.2 as qemu-{img,io,nbd}-ext: the only client here that negotiates
+# NBD extended headers (bookworm's qemu 7.2, libnbd 1.14 and nbdkit 1.32
+# predate them). On bookworm it is bookworm-backports' qemu-utils, unpacked
+# into $TOOLS_CACHE rather than installed, so the tests' other qemu stays
+# the distribution's; its libraries are bookworm's, which qemu-utils
+# already pulled in. Elsewhere the system qemu serves if it is new enough.
+qemu_ext_ok() { # binary
+  local v
+  v=$("$1" --version 2>/dev/null | sed -n '1s/.*version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+  [ -n "$v" ] && set -- $v && { [ "$1" -gt 8 ] || { [ "$1" -eq 8 ] && [ "$2" -ge 2 ]; }; }
+}
+if ! qemu_ext_ok "$TOOLS_CACHE/bin/qemu-io-ext"; then
+  qdir=""
+  if qemu_ext_ok qemu-io; then
+    qdir=$(dirname "$(command -v qemu-io)")
+  elif [ "$(. /etc/os-release && echo "${VERSION_CODENAME:-}")" = bookworm ]; then
+    echo "fetching qemu-utils from bookworm-backports (once per machine)"
+    tmp=$(mktemp -d)
+    chmod 755 "$tmp"
+    chown _apt "$tmp" 2>/dev/null || true # apt downloads as its _apt user
+    mkdir -p "$tmp/lists/partial"
+    echo "deb http://deb.debian.org/debian bookworm-backports main" > "$tmp/sources.list"
+    apt_opts=(-o "Dir::Etc::sourcelist=$tmp/sources.list" -o Dir::Etc::sourceparts=- -o "Dir::State::Lists=$tmp/lists")
+    apt-get "${apt_opts[@]}" update -q >/dev/null
+    (cd "$tmp" && apt-get "${apt_opts[@]}" download -q qemu-utils/bookworm-backports >/dev/null)
+    rm -rf "$TOOLS_CACHE/qemu-ext"
+    dpkg -x "$tmp"/qemu-utils_*.deb "$TOOLS_CACHE/qemu-ext"
+    rm -rf "$tmp"
+    qdir=$TOOLS_CACHE/qemu-ext/usr/bin
+  fi
+  if [ -z "$qdir" ] || ! qemu_ext_ok "$qdir/qemu-io"; then
+    echo "no qemu >= 8.2 for the extended-header tests" >&2
+    exit 1
+  fi
+  for b in qemu-img qemu-io qemu-nbd; do ln -sf "$qdir/$b" "$TOOLS_CACHE/bin/$b-ext"; done
+fi
+
 # etcd and kube-apiserver for the tests that need a real API server (test/helm).
 hack/kube-testenv.sh >/dev/null

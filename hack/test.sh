@@ -22,7 +22,7 @@ go test -race -count=1 -timeout 20m ./...
 # Again through the server's inline path (Caps.Fast devices), for the tests
 # whose devices never block.
 NBD_TEST_INLINE=1 go test -race -count=1 -timeout 10m \
-  -run 'Nbdinfo|Nbdcopy|Qemu|Fio|Libnbd|RawPipelined|RawStructured|RawTransmissionErrors|RawWriteOverMax|RawUnaligned|RawDevicePanic|RawBlockStatus|RawDeviceErrors|RawErrnoMapping|TLSOn' \
+  -run 'Nbdinfo|Nbdcopy|Qemu|Fio|Libnbd|Extended|RawPipelined|RawStructured|RawTransmissionErrors|RawWriteOverMax|RawUnaligned|RawDevicePanic|RawBlockStatus|RawDeviceErrors|RawErrnoMapping|TLSOn' \
   ./pkg/nbd
 
 FUZZTIME=${FUZZTIME:-10s}

@@ -37,7 +37,8 @@ type serverConn struct {
 	raw      net.Conn // the accepted transport, never replaced
 	stopping atomic.Bool
 
-	structured bool
+	structured bool // structured replies (also true with extended)
+	extended   bool // extended headers: 32-byte requests and replies
 	metaAlloc  bool
 
 	// Transmission state, fixed once the export is chosen.
@@ -66,7 +67,7 @@ type request struct {
 	typ    uint16
 	cookie uint64
 	off    uint64
-	length uint32
+	length uint64  // effect length, or payload length (WRITE, or extended with CmdFlagPayloadLen)
 	buf    *[]byte // WRITE payload
 	weight int64   // bytes held against the connection's budget
 	inline bool    // handled on the reader: its reply may wait for a batch
@@ -271,7 +272,7 @@ func (c *serverConn) transmit(ctx context.Context, exp *Export) {
 		c.out.useRaw(c.spin.rc)
 	}
 	c.out.release = c.mem.Release
-	log.V(2).Info("NBD transmission started", "size", c.size, "structured", c.structured)
+	log.V(2).Info("NBD transmission started", "size", c.size, "structured", c.structured, "extended", c.extended)
 
 	defer c.spin.release() // also when a panic unwinds
 	err := c.readLoop(ctx)
@@ -302,7 +303,11 @@ func isTimeout(err error) bool {
 // readLoop parses requests until NBD_CMD_DISC (nil), a broken stream or
 // shutdown.
 func (c *serverConn) readLoop(ctx context.Context) error {
-	var hdr [requestHeaderSize]byte
+	var hdrBuf [extendedHeaderSize]byte
+	hdr := hdrBuf[:requestHeaderSize]
+	if c.extended {
+		hdr = hdrBuf[:extendedHeaderSize]
+	}
 	batch := 0 // requests run inline since the last wait for the client
 	for {
 		if c.stopping.Load() {
@@ -313,7 +318,7 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 		}
 		// Out of requests: answer them, unless the client is likely to
 		// send more in a moment (hold).
-		if c.inline && c.br.Buffered() < requestHeaderSize {
+		if c.inline && c.br.Buffered() < len(hdr) {
 			if queued := c.out.queuedBytes(); !c.spin.hold(batch, queued) {
 				c.spin.setBatch(batch)
 				if c.spin.waitsEachAnswer() && queued <= idleMaxFlush {
@@ -323,35 +328,31 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 				batch = 0
 			}
 		}
-		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
+		if _, err := io.ReadFull(c.br, hdr); err != nil {
 			if c.stopping.Load() && isTimeout(err) {
 				return nil
 			}
 			return err
 		}
-		if m := binary.BigEndian.Uint32(hdr[0:]); m != requestMagic {
-			return fmt.Errorf("bad request magic %#x: closing the connection", m)
-		}
 		r := requestPool.Get().(*request)
-		*r = request{
-			flags:  binary.BigEndian.Uint16(hdr[4:]),
-			typ:    binary.BigEndian.Uint16(hdr[6:]),
-			cookie: binary.BigEndian.Uint64(hdr[8:]),
-			off:    binary.BigEndian.Uint64(hdr[16:]),
-			length: binary.BigEndian.Uint32(hdr[24:]),
+		if err := c.parseRequest(r, hdr); err != nil {
+			requestPool.Put(r)
+			return err
 		}
 		if r.typ == CmdDisc {
 			requestPool.Put(r)
 			return nil
 		}
 		errno, msg := c.validate(r)
-		if r.typ == CmdWrite {
-			if errno != 0 {
+		if c.hasPayload(r) {
+			if errno != 0 { // (always so for a payload on anything but WRITE)
 				// Skip the payload to keep the stream in step; one too
-				// large to be honest ends the connection instead.
-				if r.length > 2*DefaultMaxPayload {
+				// large to be honest ends the connection instead (with
+				// extended headers, proto.md asks for that beyond the
+				// advertised maximum).
+				if r.length > 2*DefaultMaxPayload || (c.extended && r.length > uint64(c.maxPayload)) {
 					requestPool.Put(r)
-					return fmt.Errorf("write of %d bytes is far over the limit: closing the connection", r.length)
+					return fmt.Errorf("payload of %d bytes is over the limit: closing the connection", r.length)
 				}
 				if err := c.skipPayload(r.length); err != nil {
 					requestPool.Put(r)
@@ -405,6 +406,39 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 	}
 }
 
+// parseRequest decodes a request header: compact (28 bytes) or, once
+// negotiated, extended (32 bytes, 64-bit length). Either kind where the
+// other was agreed is broken framing.
+func (c *serverConn) parseRequest(r *request, hdr []byte) error {
+	magic := uint32(requestMagic)
+	if c.extended {
+		magic = extendedRequestMagic
+	}
+	if m := binary.BigEndian.Uint32(hdr[0:]); m != magic {
+		return fmt.Errorf("bad request magic %#x: closing the connection", m)
+	}
+	*r = request{
+		flags:  binary.BigEndian.Uint16(hdr[4:]),
+		typ:    binary.BigEndian.Uint16(hdr[6:]),
+		cookie: binary.BigEndian.Uint64(hdr[8:]),
+		off:    binary.BigEndian.Uint64(hdr[16:]),
+	}
+	if c.extended {
+		r.length = binary.BigEndian.Uint64(hdr[24:])
+	} else {
+		r.length = uint64(binary.BigEndian.Uint32(hdr[24:]))
+	}
+	return nil
+}
+
+// hasPayload reports whether r's length bytes of payload follow it: a
+// WRITE's, or an extended request's that says so. An extended WRITE
+// "MUST" say so (proto.md), but qemu 10's client does not, and a WRITE
+// without its data is no WRITE: the flag is not required.
+func (c *serverConn) hasPayload(r *request) bool {
+	return r.typ == CmdWrite || (c.extended && r.flags&CmdFlagPayloadLen != 0)
+}
+
 // writeLender is implemented by devices whose data sits in memory the
 // server may fill itself (the memory backend): a WRITE's payload is read
 // from the socket straight into the device, saving the copy out of a
@@ -439,7 +473,7 @@ func (c *serverConn) writeInPlace(r *request) (rerr error) {
 		}
 	}()
 	var err error
-	if *vec, err = c.wlender.BorrowWrite(r.off, uint64(r.length), (*vec)[:0]); err != nil {
+	if *vec, err = c.wlender.BorrowWrite(r.off, r.length, (*vec)[:0]); err != nil {
 		if err := c.skipPayload(r.length); err != nil {
 			return err
 		}
@@ -453,7 +487,7 @@ func (c *serverConn) writeInPlace(r *request) (rerr error) {
 		}
 	}
 	payloadRead = true
-	c.wlender.CommitWrite(r.off, uint64(r.length))
+	c.wlender.CommitWrite(r.off, r.length)
 	if err != nil {
 		return err
 	}
@@ -463,15 +497,15 @@ func (c *serverConn) writeInPlace(r *request) (rerr error) {
 
 // flushBeforeWait sends the replies the inline path holds back if reading
 // n more bytes may wait for the client: answer first.
-func (c *serverConn) flushBeforeWait(n uint32) {
-	if c.inline && c.br.Buffered() < int(n) {
+func (c *serverConn) flushBeforeWait(n uint64) {
+	if c.inline && uint64(c.br.Buffered()) < n {
 		c.out.flush()
 	}
 }
 
 // skipPayload discards a WRITE payload that will not be written, keeping
 // the stream in step.
-func (c *serverConn) skipPayload(n uint32) error {
+func (c *serverConn) skipPayload(n uint64) error {
 	c.flushBeforeWait(n)
 	_, err := io.CopyN(io.Discard, c.br, int64(n))
 	return err
@@ -536,6 +570,15 @@ func (c *serverConn) acquire(ctx context.Context, n int64) error {
 // errno is replied without touching the device.
 func (c *serverConn) validate(r *request) (uint32, string) {
 	var allowed uint16 = CmdFlagFUA
+	if c.extended {
+		// Only WRITE carries a payload here: on any other command the
+		// flag "will trigger an NBD_EINVAL" (proto.md), once the
+		// payload is skipped.
+		if r.typ != CmdWrite && r.flags&CmdFlagPayloadLen != 0 {
+			return EINVAL, fmt.Sprintf("%s takes no payload", clientCmdName(uint32(r.typ)))
+		}
+		allowed |= CmdFlagPayloadLen
+	}
 	switch r.typ {
 	case CmdRead:
 		if c.structured {
@@ -570,12 +613,12 @@ func (c *serverConn) validate(r *request) (uint32, string) {
 		}
 		return EINVAL, "request beyond the end of the export"
 	}
-	if c.minBlock > 1 && (r.off%uint64(c.minBlock) != 0 || r.length%c.minBlock != 0) {
+	if c.minBlock > 1 && (r.off%uint64(c.minBlock) != 0 || r.length%uint64(c.minBlock) != 0) {
 		return EINVAL, fmt.Sprintf("request not aligned to the minimum block size %d", c.minBlock)
 	}
 	switch r.typ {
 	case CmdRead, CmdWrite:
-		if r.length > c.maxPayload {
+		if r.length > uint64(c.maxPayload) {
 			return EINVAL, fmt.Sprintf("request of %d bytes exceeds the maximum payload %d", r.length, c.maxPayload)
 		}
 	}
@@ -598,12 +641,12 @@ func (c *serverConn) validate(r *request) (uint32, string) {
 // a request past the size last seen asks the device again: it may have
 // grown since (volume expansion under a kernel attach, which has no
 // handshake to redo).
-func (c *serverConn) inExport(off uint64, length uint32) bool {
-	if off <= c.size && uint64(length) <= c.size-off {
+func (c *serverConn) inExport(off, length uint64) bool {
+	if off <= c.size && length <= c.size-off {
 		return true
 	}
 	c.size = c.dev.Size()
-	return off <= c.size && uint64(length) <= c.size-off
+	return off <= c.size && length <= c.size-off
 }
 
 func (c *serverConn) dispatch(r *request) {
@@ -678,7 +721,7 @@ func (c *serverConn) handle(r *request) {
 		err = c.dev.Flush(ctx)
 		fua = false
 	case CmdTrim:
-		err = c.dev.Trim(ctx, r.off, uint64(r.length), fua && c.caps.FUA)
+		err = c.dev.Trim(ctx, r.off, r.length, fua && c.caps.FUA)
 	case CmdWriteZeroes:
 		var zf backends.ZeroFlags
 		if fua && c.caps.FUA {
@@ -690,9 +733,9 @@ func (c *serverConn) handle(r *request) {
 		if r.flags&CmdFlagFastZero != 0 {
 			zf |= backends.ZeroFast
 		}
-		err = c.dev.Zero(ctx, r.off, uint64(r.length), zf)
+		err = c.dev.Zero(ctx, r.off, r.length, zf)
 	case CmdCache:
-		err = c.dev.Cache(ctx, r.off, uint64(r.length))
+		err = c.dev.Cache(ctx, r.off, r.length)
 		fua = false
 	case CmdBlockStatus:
 		c.blockStatus(r)
@@ -720,7 +763,7 @@ func (c *serverConn) finish(r *request, fua bool, err error) {
 		return
 	}
 	var m outMsg
-	m.simple(r.cookie, 0)
+	c.done(&m, r)
 	c.reply(r, &m)
 }
 
@@ -731,7 +774,7 @@ func (c *serverConn) read(r *request) {
 		// Straight from the device's memory: no copy at all.
 		vec := getVec()
 		var err error
-		if *vec, zero, err = c.lender.Lend(r.off, uint64(r.length), (*vec)[:0]); err != nil {
+		if *vec, zero, err = c.lender.Lend(r.off, r.length, (*vec)[:0]); err != nil {
 			putVec(vec)
 			c.mem.Release(r.weight)
 			r.weight = 0
@@ -760,16 +803,16 @@ func (c *serverConn) read(r *request) {
 		m = outMsg{}
 		c.mem.Release(r.weight)
 		r.weight = 0
-		m.chunk(r.cookie, replyFlagDone, replyTypeOffsetHole, 12)
-		binary.BigEndian.PutUint64(m.hdr[structuredHeaderSize:], r.off)
-		binary.BigEndian.PutUint32(m.hdr[structuredHeaderSize+8:], r.length)
+		c.chunk(&m, r, replyFlagDone, replyTypeOffsetHole, 12)
+		binary.BigEndian.PutUint64(m.hdr[m.hn:], r.off)
+		binary.BigEndian.PutUint32(m.hdr[m.hn+8:], uint32(r.length))
 		m.hn += 12
 		c.reply(r, &m)
 		return
 	}
 	if c.structured {
-		m.chunk(r.cookie, replyFlagDone, replyTypeOffsetData, 8+r.length)
-		binary.BigEndian.PutUint64(m.hdr[structuredHeaderSize:], r.off)
+		c.chunk(&m, r, replyFlagDone, replyTypeOffsetData, 8+uint32(r.length))
+		binary.BigEndian.PutUint64(m.hdr[m.hn:], r.off)
 		m.hn += 8
 	} else {
 		m.simple(r.cookie, 0)
@@ -799,10 +842,17 @@ func isZero(b []byte) bool {
 const maxDescriptors = 1 << 17
 
 func (c *serverConn) blockStatus(r *request) {
-	end := r.off + uint64(r.length)
+	end := r.off + r.length
 	pos := r.off
-	buf := getBuf(4 + 8*64)
-	b := append((*buf)[:0], 0, 0, 0, 0)
+	// Compact: context id, then (length, flags) in 32 bits each.
+	// Extended (NBD_REPLY_TYPE_BLOCK_STATUS_EXT): context id, descriptor
+	// count, then (length, flags) in 64 bits each.
+	head, desc := 4, 8
+	if c.extended {
+		head, desc = 8, 16
+	}
+	buf := getBuf(head + desc*64)
+	b := (*buf)[:head]
 	binary.BigEndian.PutUint32(b, allocationContextID)
 	n := 0
 	limit := maxDescriptors
@@ -817,17 +867,26 @@ func (c *serverConn) blockStatus(r *request) {
 		l := min(e.Length, end-pos)
 		f := uint32(e.Flags) & uint32(backends.ExtentHole|backends.ExtentZero)
 		if n > 0 && f == lastFlags {
-			// Merge runs with the same status; lengths stay below 2^32
-			// because the request length does.
-			i := len(b) - 8
-			binary.BigEndian.PutUint32(b[i:], binary.BigEndian.Uint32(b[i:])+uint32(l))
+			// Merge runs with the same status. A compact request's
+			// length is below 2^32, so the sum is too.
+			i := len(b) - desc
+			if c.extended {
+				binary.BigEndian.PutUint64(b[i:], binary.BigEndian.Uint64(b[i:])+l)
+			} else {
+				binary.BigEndian.PutUint32(b[i:], binary.BigEndian.Uint32(b[i:])+uint32(l))
+			}
 		} else {
 			if n >= limit {
 				pos = end
 				return
 			}
-			b = binary.BigEndian.AppendUint32(b, uint32(l))
-			b = binary.BigEndian.AppendUint32(b, f)
+			if c.extended {
+				b = binary.BigEndian.AppendUint64(b, l)
+				b = binary.BigEndian.AppendUint64(b, uint64(f))
+			} else {
+				b = binary.BigEndian.AppendUint32(b, uint32(l))
+				b = binary.BigEndian.AppendUint32(b, f)
+			}
 			n++
 			lastFlags = f
 		}
@@ -835,9 +894,9 @@ func (c *serverConn) blockStatus(r *request) {
 	}
 	var err error
 	if c.caps.Extents {
-		err = c.dev.Extents(c.ctx, r.off, uint64(r.length), add)
+		err = c.dev.Extents(c.ctx, r.off, r.length, add)
 	} else {
-		add(backends.Extent{Length: uint64(r.length)})
+		add(backends.Extent{Length: r.length})
 	}
 	if err == nil && n == 0 {
 		err = fmt.Errorf("device reported no extents: %w", syscall.EIO)
@@ -855,7 +914,12 @@ func (c *serverConn) blockStatus(r *request) {
 		buf = nil
 	}
 	var m outMsg
-	m.chunk(r.cookie, replyFlagDone, replyTypeBlockStatus, uint32(len(b)))
+	if c.extended {
+		binary.BigEndian.PutUint32(b[4:], uint32(n))
+		c.chunk(&m, r, replyFlagDone, replyTypeBlockStatusExt, uint32(len(b)))
+	} else {
+		c.chunk(&m, r, replyFlagDone, replyTypeBlockStatus, uint32(len(b)))
+	}
 	m.data, m.pooled = b, buf
 	c.reply(r, &m)
 }
@@ -867,6 +931,28 @@ func (c *serverConn) replyDeviceError(r *request, err error) {
 		logConn(c).Info("Request failed", "command", clientCmdName(uint32(r.typ)), "offset", r.off, "length", r.length, "err", err)
 	}
 	c.replyError(r, errno, err.Error())
+}
+
+// chunk fills m's header for a chunk of r's reply with a payload of
+// length bytes: structured, or extended once negotiated. Further header
+// bytes (an offset, an error code) go at m.hdr[m.hn:].
+func (c *serverConn) chunk(m *outMsg, r *request, flags, typ uint16, length uint32) {
+	if c.extended {
+		m.extended(r.cookie, r.off, flags, typ, uint64(length))
+		return
+	}
+	m.chunk(r.cookie, flags, typ, length)
+}
+
+// done fills m's header for a success with no payload: a simple reply,
+// which extended headers do not allow (an empty NBD_REPLY_TYPE_NONE
+// chunk instead).
+func (c *serverConn) done(m *outMsg, r *request) {
+	if c.extended {
+		m.extended(r.cookie, r.off, replyFlagDone, replyTypeNone, 0)
+		return
+	}
+	m.simple(r.cookie, 0)
 }
 
 // replyError sends an error: a structured error chunk with a message when
@@ -881,9 +967,9 @@ func (c *serverConn) replyError(r *request, errno uint32, msg string) {
 	if len(msg) > 1024 {
 		msg = msg[:1024]
 	}
-	m.chunk(r.cookie, replyFlagDone, replyTypeError, uint32(6+len(msg)))
-	binary.BigEndian.PutUint32(m.hdr[structuredHeaderSize:], errno)
-	binary.BigEndian.PutUint16(m.hdr[structuredHeaderSize+4:], uint16(len(msg)))
+	c.chunk(&m, r, replyFlagDone, replyTypeError, uint32(6+len(msg)))
+	binary.BigEndian.PutUint32(m.hdr[m.hn:], errno)
+	binary.BigEndian.PutUint16(m.hdr[m.hn+4:], uint16(len(msg)))
 	m.hn += 6
 	m.data = []byte(msg)
 	c.reply(r, &m)

@@ -73,6 +73,8 @@ func FuzzHandshake(f *testing.F) {
 	f.Add(append(flags, optBytes(optStartTLS, nil)...))
 	f.Add(append(flags, optBytes(99, []byte("junk"))...))
 	f.Add(append(flags, optBytes(optAbort, nil)...))
+	f.Add(append(append(flags, optBytes(optExtendedHeaders, nil)...), optBytes(optExportName, nil)...))
+	f.Add(append(append(flags, optBytes(optExtendedHeaders, nil)...), optBytes(optStructuredReply, nil)...))
 	f.Add(append(flags, optBytes(optGo, []byte{0, 0, 0, 9, 'x'})...))
 	f.Add([]byte{0, 0, 0, 0})
 	f.Fuzz(func(t *testing.T, data []byte) {

@@ -23,6 +23,7 @@ type negotiation struct {
 	noZeroes   bool
 	tls        bool
 	structured bool
+	extended   bool // NBD_OPT_EXTENDED_HEADERS: 32-byte headers both ways
 	// Meta contexts chosen by the last SET_META_CONTEXT and the export
 	// name it referred to; they apply only if GO names the same export.
 	metaSet    bool
@@ -60,7 +61,8 @@ func (c *serverConn) negotiate(ctx context.Context) (*Export, func(), error) {
 		if err != nil || done {
 			if err == nil {
 				c.setDeadline(time.Time{})
-				c.structured = n.structured
+				c.structured = n.structured || n.extended
+				c.extended = n.extended
 				c.metaAlloc = n.metaAlloc
 			}
 			return exp, release, err
@@ -125,7 +127,16 @@ func (n *negotiation) option(ctx context.Context) (exp *Export, release func(), 
 		if len(data) != 0 {
 			return nil, nil, false, n.replyErr(opt, repErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no payload")
 		}
+		if n.extended {
+			return nil, nil, false, n.replyErr(opt, repErrExtHeaderReq, "extended headers are already negotiated and take precedence")
+		}
 		n.structured = true
+		return nil, nil, false, n.reply(opt, repAck, nil)
+	case optExtendedHeaders:
+		if len(data) != 0 {
+			return nil, nil, false, n.replyErr(opt, repErrInvalid, "NBD_OPT_EXTENDED_HEADERS takes no payload")
+		}
+		n.extended = true
 		return nil, nil, false, n.reply(opt, repAck, nil)
 	case optListMetaContext, optSetMetaContext:
 		return nil, nil, false, n.metaContext(opt, data)
@@ -160,6 +171,11 @@ func (n *negotiation) replyErr(opt, typ uint32, msg string) error {
 }
 
 func (n *negotiation) exportName(ctx context.Context, name string) (*Export, func(), bool, error) {
+	if n.extended {
+		// Forbidden to the client (proto.md), and this option has no
+		// error reply.
+		return nil, nil, false, fmt.Errorf("NBD_OPT_EXPORT_NAME %q after extended headers were negotiated", truncate(name))
+	}
 	exp, release, err := n.c.srv.cfg.Exports.Open(ctx, name)
 	if err != nil {
 		// This option has no error reply: all we can do is hang up.
@@ -226,7 +242,7 @@ func (n *negotiation) startTLS(ctx context.Context, data []byte) error {
 	n.w.Reset(tc)
 	n.tls = true
 	// Everything negotiated in clear text is forgotten (proto.md STARTTLS).
-	n.structured, n.metaSet, n.metaAlloc, n.metaExport = false, false, false, ""
+	n.structured, n.extended, n.metaSet, n.metaAlloc, n.metaExport = false, false, false, false, ""
 	return nil
 }
 
@@ -272,7 +288,7 @@ func (n *negotiation) infoGo(ctx context.Context, opt uint32, data []byte) (*Exp
 		}
 	}()
 
-	structured := n.structured
+	structured := n.structured || n.extended
 	if opt == optGo && n.metaSet && n.metaExport != name {
 		n.metaAlloc = false
 	}
@@ -325,8 +341,8 @@ func (n *negotiation) metaContext(opt uint32, data []byte) error {
 		// return below.
 		n.metaSet, n.metaExport, n.metaAlloc = true, "", false
 	}
-	if opt == optSetMetaContext && !n.structured {
-		return n.replyErr(opt, repErrInvalid, "NBD_OPT_SET_META_CONTEXT needs structured replies first")
+	if opt == optSetMetaContext && !n.structured && !n.extended {
+		return n.replyErr(opt, repErrInvalid, "NBD_OPT_SET_META_CONTEXT needs structured replies or extended headers first")
 	}
 	bad := func(why string) error { return n.replyErr(opt, repErrInvalid, why) }
 	if len(data) < 8 {

@@ -3,7 +3,8 @@
 // kernel attach path. It knows nothing of CSI.
 //
 // The wire format follows doc/proto.md of the NetworkBlockDevice project
-// (fixed newstyle negotiation, structured replies, base:allocation).
+// (fixed newstyle negotiation, structured replies, base:allocation), and
+// the extended headers of its extension-ext-header branch (64-bit lengths).
 package nbd
 
 // Handshake magics and flags.
@@ -14,6 +15,9 @@ const (
 	requestMagic    = 0x25609513
 	simpleMagic     = 0x67446698
 	structuredMagic = 0x668e33ef
+
+	extendedRequestMagic = 0x21e41c71 // NBD_OPT_EXTENDED_HEADERS
+	extendedReplyMagic   = 0x6e8a278c
 
 	flagFixedNewstyle = 1 << 0 // server handshake flags
 	flagNoZeroes      = 1 << 1
@@ -51,6 +55,7 @@ const (
 	repErrShutdown     = 1<<31 | 7
 	repErrBlockSizeReq = 1<<31 | 8
 	repErrTooBig       = 1<<31 | 9
+	repErrExtHeaderReq = 1<<31 | 10
 )
 
 // NBD_INFO_* types inside NBD_REP_INFO.
@@ -96,18 +101,23 @@ const (
 	CmdFlagDF       = 1 << 2
 	CmdFlagReqOne   = 1 << 3
 	CmdFlagFastZero = 1 << 4
+	// CmdFlagPayloadLen marks an extended request whose length is that
+	// of a payload following it (always so for WRITE), not an effect
+	// length.
+	CmdFlagPayloadLen = 1 << 5
 )
 
 // Structured reply chunk types and flags.
 const (
 	replyFlagDone = 1 << 0
 
-	replyTypeNone        = 0
-	replyTypeOffsetData  = 1
-	replyTypeOffsetHole  = 2
-	replyTypeBlockStatus = 5
-	replyTypeError       = 1<<15 | 1
-	replyTypeErrorOffset = 1<<15 | 2
+	replyTypeNone           = 0
+	replyTypeOffsetData     = 1
+	replyTypeOffsetHole     = 2
+	replyTypeBlockStatus    = 5
+	replyTypeBlockStatusExt = 6 // 64-bit extents, extended headers only
+	replyTypeError          = 1<<15 | 1
+	replyTypeErrorOffset    = 1<<15 | 2
 )
 
 // Protocol error numbers (NBD_E*); they match Linux errno values.
@@ -127,6 +137,7 @@ const (
 	requestHeaderSize    = 28
 	simpleReplySize      = 16
 	structuredHeaderSize = 20
+	extendedHeaderSize   = 32 // extended requests and replies alike
 
 	// DefaultMaxPayload is the largest READ/WRITE we accept (the size
 	// the reference server and qemu use); advertised through INFO_BLOCK_SIZE.

@@ -15,7 +15,7 @@ import (
 // its payload buffer until written, then returns it to the pool and gives
 // its bytes back to the connection's memory budget.
 type outMsg struct {
-	hdr    [32]byte
+	hdr    [48]byte // the longest: an extended header and a hole chunk's 12 bytes
 	hn     uint8
 	data   []byte
 	vec    *[][]byte // payload lent by the device, after data
@@ -250,6 +250,18 @@ func (m *outMsg) simple(cookie uint64, errno uint32) {
 	binary.BigEndian.PutUint32(m.hdr[4:], errno)
 	binary.BigEndian.PutUint64(m.hdr[8:], cookie)
 	m.hn = simpleReplySize
+}
+
+// extended writes an extended reply header (NBD_OPT_EXTENDED_HEADERS):
+// off is the request's offset, echoed as proto.md requires.
+func (m *outMsg) extended(cookie, off uint64, flags, typ uint16, length uint64) {
+	binary.BigEndian.PutUint32(m.hdr[0:], extendedReplyMagic)
+	binary.BigEndian.PutUint16(m.hdr[4:], flags)
+	binary.BigEndian.PutUint16(m.hdr[6:], typ)
+	binary.BigEndian.PutUint64(m.hdr[8:], cookie)
+	binary.BigEndian.PutUint64(m.hdr[16:], off)
+	binary.BigEndian.PutUint64(m.hdr[24:], length)
+	m.hn = extendedHeaderSize
 }
 
 // chunk writes a structured chunk header for a payload of length bytes;
