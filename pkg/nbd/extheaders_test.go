@@ -243,13 +243,7 @@ func FuzzExtendedRequests(f *testing.F) {
 	b = append(b, optBytes(optExtendedHeaders, nil)...)
 	b = append(b, optBytes(optSetMetaContext, rawMetaPayload("", AllocationContext))...)
 	pre := append(b, optBytes(optGo, rawGoPayload("", infoBlockSize))...)
-	add := func(parts ...[]byte) {
-		var b []byte
-		for _, p := range parts {
-			b = append(b, p...)
-		}
-		f.Add(b)
-	}
+	add := seeder(f)
 	add(rawExtRequest(0, CmdRead, 1, 0, 4096))
 	add(rawExtRequest(CmdFlagPayloadLen|CmdFlagFUA, CmdWrite, 2, 4096, 8), []byte("abcdefgh"))
 	add(rawExtRequest(0, CmdWrite, 3, 0, 4), []byte("abcd"))

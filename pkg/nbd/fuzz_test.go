@@ -82,15 +82,21 @@ func FuzzHandshake(f *testing.F) {
 	})
 }
 
-func FuzzRequests(f *testing.F) {
-	pre := handshakePrefix("")
-	add := func(parts ...[]byte) {
+// seeder returns a function adding the concatenation of its arguments to
+// f's seed corpus.
+func seeder(f *testing.F) func(parts ...[]byte) {
+	return func(parts ...[]byte) {
 		var b []byte
 		for _, p := range parts {
 			b = append(b, p...)
 		}
 		f.Add(b)
 	}
+}
+
+func FuzzRequests(f *testing.F) {
+	pre := handshakePrefix("")
+	add := seeder(f)
 	add(reqBytes(0, CmdRead, 1, 0, 4096))
 	add(reqBytes(CmdFlagFUA, CmdWrite, 2, 4096, 8), []byte("abcdefgh"))
 	add(reqBytes(CmdFlagReqOne, CmdBlockStatus, 3, 0, 1<<20))
