@@ -268,6 +268,36 @@ func TestTLSOn(t *testing.T) {
 		}
 	})
 
+	t.Run("raw_extended_forgotten_after_starttls", func(t *testing.T) {
+		r := rawDial(t, s)
+		r.greet(clientFlagFixedNewstyle | clientFlagNoZeroes)
+		r.sendOpt(optExtendedHeaders, nil)
+		r.expectOptReply(optExtendedHeaders, repAck)
+		r.sendOpt(optStartTLS, nil)
+		r.expectOptReply(optStartTLS, repAck)
+		r.upgradeTLS(f)
+		// Compact again: structured replies may be asked for, and a
+		// compact request is answered.
+		r.sendOpt(optStructuredReply, nil)
+		r.expectOptReply(optStructuredReply, repAck)
+		r.goInfo(optGo, "")
+		r.structured = true
+		if rep := r.do(0, CmdRead, 0, 512, nil); rep.extended || rep.typ != replyTypeOffsetData || rep.data[0] != 0x42 {
+			t.Fatalf("read after STARTTLS: %+v", rep)
+		}
+	})
+
+	t.Run("raw_extended_inside_tls", func(t *testing.T) {
+		r := rawStartTLS(t, s.sock, f)
+		r.sendOpt(optExtendedHeaders, nil)
+		r.expectOptReply(optExtendedHeaders, repAck)
+		r.goInfo(optGo, "")
+		r.structured, r.extended = true, true
+		if rep := r.doExt(0, CmdRead, 0, 512, nil); rep.typ != replyTypeOffsetData || rep.data[0] != 0x42 {
+			t.Fatalf("extended read over TLS: %+v", rep)
+		}
+	})
+
 	t.Run("raw_plain_allowed", func(t *testing.T) {
 		r := rawDial(t, s)
 		r.negotiate("", true)
