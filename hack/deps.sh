@@ -53,7 +53,7 @@ for spec in "${go_tools[@]}"; do
   fi
 done
 
-# qemu >= 8.2 as qemu-{img,io,nbd}-ext: the only client here that negotiates
+# qemu >= 8.2 as qemu-{img,io}-ext: the only client here that negotiates
 # NBD extended headers (bookworm's qemu 7.2, libnbd 1.14 and nbdkit 1.32
 # predate them). On bookworm it is bookworm-backports' qemu-utils, unpacked
 # into $TOOLS_CACHE rather than installed, so the tests' other qemu stays
@@ -87,7 +87,7 @@ if ! qemu_ext_ok "$TOOLS_CACHE/bin/qemu-io-ext"; then
     echo "no qemu >= 8.2 for the extended-header tests" >&2
     exit 1
   fi
-  for b in qemu-img qemu-io qemu-nbd; do ln -sf "$qdir/$b" "$TOOLS_CACHE/bin/$b-ext"; done
+  for b in qemu-img qemu-io; do ln -sf "$qdir/$b" "$TOOLS_CACHE/bin/$b-ext"; done
 fi
 
 # etcd and kube-apiserver for the tests that need a real API server (test/helm).

@@ -201,6 +201,8 @@ func clientRepName(rep uint32) string {
 		return "NBD_REP_ERR_BLOCK_SIZE_REQD"
 	case repErrTooBig:
 		return "NBD_REP_ERR_TOO_BIG"
+	case repErrExtHeaderReq:
+		return "NBD_REP_ERR_EXT_HEADER_REQD"
 	}
 	if rep&(1<<31) != 0 {
 		return "NBD_REP_ERR_" + strconv.FormatUint(uint64(rep&^(1<<31)), 10)
