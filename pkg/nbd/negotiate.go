@@ -22,7 +22,7 @@ type negotiation struct {
 	fixed      bool // client speaks fixed newstyle
 	noZeroes   bool
 	tls        bool
-	structured bool
+	structured bool // chunked replies: structured, or extended
 	extended   bool // NBD_OPT_EXTENDED_HEADERS: 32-byte headers both ways
 	// Meta contexts chosen by the last SET_META_CONTEXT and the export
 	// name it referred to; they apply only if GO names the same export.
@@ -61,7 +61,7 @@ func (c *serverConn) negotiate(ctx context.Context) (*Export, func(), error) {
 		if err != nil || done {
 			if err == nil {
 				c.setDeadline(time.Time{})
-				c.structured = n.structured || n.extended
+				c.structured = n.structured
 				c.extended = n.extended
 				c.metaAlloc = n.metaAlloc
 			}
@@ -136,7 +136,8 @@ func (n *negotiation) option(ctx context.Context) (exp *Export, release func(), 
 		if len(data) != 0 {
 			return nil, nil, false, n.replyErr(opt, repErrInvalid, "NBD_OPT_EXTENDED_HEADERS takes no payload")
 		}
-		n.extended = true
+		// Everything structured replies enable comes with them.
+		n.extended, n.structured = true, true
 		return nil, nil, false, n.reply(opt, repAck, nil)
 	case optListMetaContext, optSetMetaContext:
 		return nil, nil, false, n.metaContext(opt, data)
@@ -288,11 +289,10 @@ func (n *negotiation) infoGo(ctx context.Context, opt uint32, data []byte) (*Exp
 		}
 	}()
 
-	structured := n.structured || n.extended
 	if opt == optGo && n.metaSet && n.metaExport != name {
 		n.metaAlloc = false
 	}
-	size, tflags := exportFlags(exp, structured)
+	size, tflags := exportFlags(exp, n.structured)
 	p := make([]byte, 12)
 	binary.BigEndian.PutUint16(p[0:], infoExport)
 	binary.BigEndian.PutUint64(p[2:], size)
@@ -341,7 +341,7 @@ func (n *negotiation) metaContext(opt uint32, data []byte) error {
 		// return below.
 		n.metaSet, n.metaExport, n.metaAlloc = true, "", false
 	}
-	if opt == optSetMetaContext && !n.structured && !n.extended {
+	if opt == optSetMetaContext && !n.structured {
 		return n.replyErr(opt, repErrInvalid, "NBD_OPT_SET_META_CONTEXT needs structured replies or extended headers first")
 	}
 	bad := func(why string) error { return n.replyErr(opt, repErrInvalid, why) }
