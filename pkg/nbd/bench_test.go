@@ -120,7 +120,7 @@ func benchPipeline(b *testing.B, dev backends.Device, cmd uint16, size uint32, d
 	// CPU time (client included) is steadier than wall time on a loaded
 	// machine, and what a VM with few CPUs pays for.
 	b.ReportMetric(float64(cpuTime()-cpu0)/float64(b.N), "cpu-ns/op")
-	w.Write(reqBytes(0, CmdDisc, 0, 0, 0))
+	w.Write(rawRequest(0, CmdDisc, 0, 0, 0))
 	w.Flush()
 }
 

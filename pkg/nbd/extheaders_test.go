@@ -14,30 +14,32 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/csi-nbd/csi-nbd/pkg/backends/memory"
 )
-
-// rawExtRequest builds an extended request header: 64-bit length.
-func rawExtRequest(flags, typ uint16, cookie, off, length uint64) []byte {
-	b := binary.BigEndian.AppendUint32(nil, extendedRequestMagic)
-	b = binary.BigEndian.AppendUint16(b, flags)
-	b = binary.BigEndian.AppendUint16(b, typ)
-	b = binary.BigEndian.AppendUint64(b, cookie)
-	b = binary.BigEndian.AppendUint64(b, off)
-	return binary.BigEndian.AppendUint64(b, length)
-}
 
 // negotiateExtended takes a fresh connection to transmission on export
 // name with extended headers and base:allocation.
 func (r *rawConn) negotiateExtended(name string) (size uint64, flags uint16) {
 	r.t.Helper()
 	r.greet(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	r.askExtended()
+	r.setAllocation(name)
+	return r.goExtended(name)
+}
+
+// askExtended asks for extended headers, which the server must grant.
+func (r *rawConn) askExtended() {
+	r.t.Helper()
 	r.sendOpt(optExtendedHeaders, nil)
 	r.expectOptReply(optExtendedHeaders, repAck)
-	r.sendOpt(optSetMetaContext, rawMetaPayload(name, AllocationContext))
-	r.expectOptReply(optSetMetaContext, repMetaContext)
-	r.expectOptReply(optSetMetaContext, repAck)
+}
+
+// goExtended enters transmission on export name with the extended
+// headers already granted.
+func (r *rawConn) goExtended(name string) (size uint64, flags uint16) {
+	r.t.Helper()
 	size, flags, _ = r.goInfo(optGo, name, infoBlockSize)
 	r.structured, r.extended = true, true
 	return size, flags
@@ -47,7 +49,7 @@ func (r *rawConn) negotiateExtended(name string) (size uint64, flags uint16) {
 // reply, which must be an extended chunk echoing the request's offset.
 func (r *rawConn) doExt(flags, typ uint16, off, length uint64, payload []byte) rawReply {
 	r.t.Helper()
-	cookie := uint64(len(payload))<<32 ^ off ^ uint64(typ)<<56 ^ 0x5eed
+	cookie := uint64(time.Now().UnixNano())
 	r.write(append(rawExtRequest(flags, typ, cookie, off, length), payload...))
 	rep := r.readReply()
 	if !rep.extended || rep.cookie != cookie || rep.reqOffset != off || rep.flags&replyFlagDone == 0 {
@@ -84,20 +86,15 @@ func TestRawExtendedNegotiation(t *testing.T) {
 		r.greet(clientFlagFixedNewstyle | clientFlagNoZeroes)
 		r.sendOpt(optExtendedHeaders, []byte{0})
 		r.expectOptReply(optExtendedHeaders, repErrInvalid)
-		r.sendOpt(optExtendedHeaders, nil)
-		r.expectOptReply(optExtendedHeaders, repAck)
+		r.askExtended()
 		// Extended headers take precedence over structured replies.
 		r.sendOpt(optStructuredReply, nil)
 		r.expectOptReply(optStructuredReply, repErrExtHeaderReq)
 		// They enable what structured replies do: meta contexts, DF.
-		r.sendOpt(optSetMetaContext, rawMetaPayload("", AllocationContext))
-		r.expectOptReply(optSetMetaContext, repMetaContext)
-		r.expectOptReply(optSetMetaContext, repAck)
-		_, flags, _ := r.goInfo(optGo, "", infoBlockSize)
-		if flags&FlagSendDF == 0 {
+		r.setAllocation("")
+		if _, flags := r.goExtended(""); flags&FlagSendDF == 0 {
 			t.Fatalf("transmission flags %#x lack SEND_DF", flags)
 		}
-		r.structured, r.extended = true, true
 		if rep := r.doExt(0, CmdFlush, 0, 0, nil); rep.typ != replyTypeNone || rep.errno != 0 || len(rep.data) != 0 {
 			t.Fatalf("flush: %+v", rep)
 		}
@@ -108,10 +105,8 @@ func TestRawExtendedNegotiation(t *testing.T) {
 		r.greet(clientFlagFixedNewstyle | clientFlagNoZeroes)
 		r.sendOpt(optStructuredReply, nil)
 		r.expectOptReply(optStructuredReply, repAck)
-		r.sendOpt(optExtendedHeaders, nil)
-		r.expectOptReply(optExtendedHeaders, repAck)
-		r.goInfo(optGo, "", infoBlockSize)
-		r.structured, r.extended = true, true
+		r.askExtended()
+		r.goExtended("")
 		r.doExt(0, CmdFlush, 0, 0, nil)
 	})
 
@@ -119,8 +114,7 @@ func TestRawExtendedNegotiation(t *testing.T) {
 		// NBD_OPT_EXPORT_NAME has no error reply: the server hangs up.
 		r := rawDial(t, s)
 		r.greet(clientFlagFixedNewstyle | clientFlagNoZeroes)
-		r.sendOpt(optExtendedHeaders, nil)
-		r.expectOptReply(optExtendedHeaders, repAck)
+		r.askExtended()
 		r.sendOpt(optExportName, nil)
 		r.expectClosed()
 	})

@@ -45,15 +45,6 @@ func optBytes(opt uint32, payload []byte) []byte {
 	return append(b, payload...)
 }
 
-func reqBytes(flags, typ uint16, cookie, off uint64, length uint32) []byte {
-	b := binary.BigEndian.AppendUint32(nil, requestMagic)
-	b = binary.BigEndian.AppendUint16(b, flags)
-	b = binary.BigEndian.AppendUint16(b, typ)
-	b = binary.BigEndian.AppendUint64(b, cookie)
-	b = binary.BigEndian.AppendUint64(b, off)
-	return binary.BigEndian.AppendUint32(b, length)
-}
-
 // handshakePrefix negotiates structured replies and base:allocation and
 // enters transmission on the default export.
 func handshakePrefix(export string) []byte {
@@ -97,16 +88,16 @@ func seeder(f *testing.F) func(parts ...[]byte) {
 func FuzzRequests(f *testing.F) {
 	pre := handshakePrefix("")
 	add := seeder(f)
-	add(reqBytes(0, CmdRead, 1, 0, 4096))
-	add(reqBytes(CmdFlagFUA, CmdWrite, 2, 4096, 8), []byte("abcdefgh"))
-	add(reqBytes(CmdFlagReqOne, CmdBlockStatus, 3, 0, 1<<20))
-	add(reqBytes(CmdFlagFastZero|CmdFlagNoHole, CmdWriteZeroes, 4, 0, 65536))
-	add(reqBytes(0, CmdTrim, 5, 0, 65536), reqBytes(0, CmdFlush, 6, 0, 0))
-	add(reqBytes(0, CmdCache, 7, 0, 4096), reqBytes(0, CmdDisc, 8, 0, 0))
-	add(reqBytes(0, CmdRead, 9, 1<<20, 1))
-	add(reqBytes(0xffff, 77, 10, 0, 0))
-	add(reqBytes(0, CmdWrite, 11, 0, 1<<30))
-	add(reqBytes(CmdFlagDF, CmdRead, 12, 100, 3))
+	add(rawRequest(0, CmdRead, 1, 0, 4096))
+	add(rawRequest(CmdFlagFUA, CmdWrite, 2, 4096, 8), []byte("abcdefgh"))
+	add(rawRequest(CmdFlagReqOne, CmdBlockStatus, 3, 0, 1<<20))
+	add(rawRequest(CmdFlagFastZero|CmdFlagNoHole, CmdWriteZeroes, 4, 0, 65536))
+	add(rawRequest(0, CmdTrim, 5, 0, 65536), rawRequest(0, CmdFlush, 6, 0, 0))
+	add(rawRequest(0, CmdCache, 7, 0, 4096), rawRequest(0, CmdDisc, 8, 0, 0))
+	add(rawRequest(0, CmdRead, 9, 1<<20, 1))
+	add(rawRequest(0xffff, 77, 10, 0, 0))
+	add(rawRequest(0, CmdWrite, 11, 0, 1<<30))
+	add(rawRequest(CmdFlagDF, CmdRead, 12, 100, 3))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		fuzzServe(t, append(pre[:len(pre):len(pre)], data...))
 	})

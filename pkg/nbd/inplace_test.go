@@ -76,7 +76,7 @@ func TestWriteInPlace(t *testing.T) {
 	go func() {
 		w := bufio.NewWriterSize(client, 64<<10)
 		for i, o := range ops {
-			w.Write(reqBytes(o.flags, o.typ, uint64(i), o.off, o.length))
+			w.Write(rawRequest(o.flags, o.typ, uint64(i), o.off, o.length))
 			if o.payload == nil {
 				continue
 			}

@@ -143,6 +143,12 @@ func (r *rawConn) structuredWithAllocation(export string) {
 	r.t.Helper()
 	r.sendOpt(optStructuredReply, nil)
 	r.expectOptReply(optStructuredReply, repAck)
+	r.setAllocation(export)
+}
+
+// setAllocation selects base:allocation for export, checking the replies.
+func (r *rawConn) setAllocation(export string) {
+	r.t.Helper()
 	r.sendOpt(optSetMetaContext, rawMetaPayload(export, AllocationContext))
 	rep := r.expectOptReply(optSetMetaContext, repMetaContext)
 	if got := string(rep.data[4:]); got != AllocationContext {
@@ -223,13 +229,22 @@ func (r *rawConn) haggle(name string, structured bool) (size uint64, flags uint1
 	return size, flags
 }
 
+// rawRequest builds a compact request header (32-bit length);
+// rawExtRequest an extended one (64-bit length).
 func rawRequest(flags, typ uint16, cookie, off uint64, length uint32) []byte {
-	b := binary.BigEndian.AppendUint32(nil, requestMagic)
+	return binary.BigEndian.AppendUint32(rawRequestHead(requestMagic, flags, typ, cookie, off), length)
+}
+
+func rawExtRequest(flags, typ uint16, cookie, off, length uint64) []byte {
+	return binary.BigEndian.AppendUint64(rawRequestHead(extendedRequestMagic, flags, typ, cookie, off), length)
+}
+
+func rawRequestHead(magic uint32, flags, typ uint16, cookie, off uint64) []byte {
+	b := binary.BigEndian.AppendUint32(nil, magic)
 	b = binary.BigEndian.AppendUint16(b, flags)
 	b = binary.BigEndian.AppendUint16(b, typ)
 	b = binary.BigEndian.AppendUint64(b, cookie)
-	b = binary.BigEndian.AppendUint64(b, off)
-	return binary.BigEndian.AppendUint32(b, length)
+	return binary.BigEndian.AppendUint64(b, off)
 }
 
 // send writes one request (with its payload for a WRITE).

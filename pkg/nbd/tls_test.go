@@ -271,8 +271,7 @@ func TestTLSOn(t *testing.T) {
 	t.Run("raw_extended_forgotten_after_starttls", func(t *testing.T) {
 		r := rawDial(t, s)
 		r.greet(clientFlagFixedNewstyle | clientFlagNoZeroes)
-		r.sendOpt(optExtendedHeaders, nil)
-		r.expectOptReply(optExtendedHeaders, repAck)
+		r.askExtended()
 		r.sendOpt(optStartTLS, nil)
 		r.expectOptReply(optStartTLS, repAck)
 		r.upgradeTLS(f)
@@ -289,10 +288,8 @@ func TestTLSOn(t *testing.T) {
 
 	t.Run("raw_extended_inside_tls", func(t *testing.T) {
 		r := rawStartTLS(t, s.sock, f)
-		r.sendOpt(optExtendedHeaders, nil)
-		r.expectOptReply(optExtendedHeaders, repAck)
-		r.goInfo(optGo, "")
-		r.structured, r.extended = true, true
+		r.askExtended()
+		r.goExtended("")
 		if rep := r.doExt(0, CmdRead, 0, 512, nil); rep.typ != replyTypeOffsetData || rep.data[0] != 0x42 {
 			t.Fatalf("extended read over TLS: %+v", rep)
 		}
