@@ -844,14 +844,21 @@ const maxDescriptors = 1 << 17
 func (c *serverConn) blockStatus(r *request) {
 	end := r.off + r.length
 	pos := r.off
-	// Compact: context id, then (length, flags) in 32 bits each.
-	// Extended (NBD_REPLY_TYPE_BLOCK_STATUS_EXT): context id, descriptor
-	// count, then (length, flags) in 64 bits each.
-	head, desc := 4, 8
+	// Compact: context id, then descriptors of (length, flags) in 32
+	// bits each. Extended (NBD_REPLY_TYPE_BLOCK_STATUS_EXT): context id,
+	// descriptor count, then (length, flags) in 64 bits each.
+	head, w := 4, 4 // w: width of a descriptor field
 	if c.extended {
-		head, desc = 8, 16
+		head, w = 8, 8
 	}
-	buf := getBuf(head + desc*64)
+	put := func(b []byte, v uint64) {
+		if w == 8 {
+			binary.BigEndian.PutUint64(b, v)
+		} else {
+			binary.BigEndian.PutUint32(b, uint32(v)) // < 2^32: so is a compact request
+		}
+	}
+	buf := getBuf(head + 2*w*64)
 	b := (*buf)[:head]
 	binary.BigEndian.PutUint32(b, allocationContextID)
 	n := 0
@@ -860,6 +867,7 @@ func (c *serverConn) blockStatus(r *request) {
 		limit = 1
 	}
 	var lastFlags uint32
+	var runLen uint64 // the last descriptor's length so far
 	add := func(e backends.Extent) {
 		if pos >= end || e.Length == 0 {
 			return
@@ -867,29 +875,18 @@ func (c *serverConn) blockStatus(r *request) {
 		l := min(e.Length, end-pos)
 		f := uint32(e.Flags) & uint32(backends.ExtentHole|backends.ExtentZero)
 		if n > 0 && f == lastFlags {
-			// Merge runs with the same status. A compact request's
-			// length is below 2^32, so the sum is too.
-			i := len(b) - desc
-			if c.extended {
-				binary.BigEndian.PutUint64(b[i:], binary.BigEndian.Uint64(b[i:])+l)
-			} else {
-				binary.BigEndian.PutUint32(b[i:], binary.BigEndian.Uint32(b[i:])+uint32(l))
-			}
+			runLen += l // merge runs with the same status
 		} else {
 			if n >= limit {
 				pos = end
 				return
 			}
-			if c.extended {
-				b = binary.BigEndian.AppendUint64(b, l)
-				b = binary.BigEndian.AppendUint64(b, uint64(f))
-			} else {
-				b = binary.BigEndian.AppendUint32(b, uint32(l))
-				b = binary.BigEndian.AppendUint32(b, f)
-			}
+			b = append(b, make([]byte, 2*w)...)
+			put(b[len(b)-w:], uint64(f))
 			n++
-			lastFlags = f
+			lastFlags, runLen = f, l
 		}
+		put(b[len(b)-2*w:], runLen)
 		pos += l
 	}
 	var err error
@@ -913,13 +910,13 @@ func (c *serverConn) blockStatus(r *request) {
 		putBuf(buf)
 		buf = nil
 	}
-	var m outMsg
+	typ := uint16(replyTypeBlockStatus)
 	if c.extended {
 		binary.BigEndian.PutUint32(b[4:], uint32(n))
-		c.chunk(&m, r, replyFlagDone, replyTypeBlockStatusExt, uint32(len(b)))
-	} else {
-		c.chunk(&m, r, replyFlagDone, replyTypeBlockStatus, uint32(len(b)))
+		typ = replyTypeBlockStatusExt
 	}
+	var m outMsg
+	c.chunk(&m, r, replyFlagDone, typ, uint32(len(b)))
 	m.data, m.pooled = b, buf
 	c.reply(r, &m)
 }
