@@ -374,7 +374,7 @@ func (c *serverConn) readLoop(ctx context.Context) error {
 				}
 				r.buf = getBuf(int(r.length))
 				c.flushBeforeWait(r.length)
-				if _, err := io.ReadFull(c.br, *r.buf); err != nil {
+				if err := c.readPayload(*r.buf, r.length); err != nil {
 					c.mem.Release(r.weight)
 					putBuf(r.buf)
 					requestPool.Put(r)
@@ -481,10 +481,12 @@ func (c *serverConn) writeInPlace(r *request) (rerr error) {
 		return nil
 	}
 	c.flushBeforeWait(r.length)
+	rest := r.length
 	for _, b := range *vec {
-		if err = c.readPayload(b); err != nil {
+		if err = c.readPayload(b, rest); err != nil {
 			break
 		}
+		rest -= uint64(len(b))
 	}
 	payloadRead = true
 	c.wlender.CommitWrite(r.off, r.length)
@@ -511,24 +513,32 @@ func (c *serverConn) skipPayload(n uint64) error {
 	return err
 }
 
-// directReadMin is the smallest read that bypasses the buffered reader
-// once it is drained: a bulk payload lands where it belongs with no copy
-// through br, while small ones still come with the requests behind them.
+// directReadMin is the least payload still to come that is read past the
+// buffered reader once it is drained: a bulk payload lands where it
+// belongs with no copy through br, while small ones still come with the
+// requests behind them.
 const directReadMin = 16 << 10
 
-// readPayload fills p from the connection.
-func (c *serverConn) readPayload(p []byte) error {
+// readPayload fills p, the next part of a payload of which rest bytes
+// (p's included) are still to come.
+func (c *serverConn) readPayload(p []byte, rest uint64) error {
 	for len(p) > 0 {
-		if n := c.br.Buffered(); n > 0 || len(p) < directReadMin {
-			n, err := io.ReadFull(c.br, p[:max(min(n, len(p)), min(len(p), directReadMin))])
-			if err != nil {
-				return err
-			}
-			p = p[n:]
-			continue
+		n := c.br.Buffered()
+		if n == 0 && rest >= directReadMin {
+			_, err := io.ReadFull(c.src, p)
+			return err
 		}
-		_, err := io.ReadFull(c.src, p)
-		return err
+		// Take only what br holds: asking it for more makes it refill,
+		// reading ahead into the payload, and from then on every part
+		// of the payload would pass through br's buffer.
+		if n == 0 {
+			n = len(p) // a small payload's end: br reads the requests behind it too
+		}
+		n, err := io.ReadFull(c.br, p[:min(n, len(p))])
+		if err != nil {
+			return err
+		}
+		p, rest = p[n:], rest-uint64(n)
 	}
 	return nil
 }

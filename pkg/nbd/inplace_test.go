@@ -179,3 +179,84 @@ func TestWriteInPlacePanics(t *testing.T) {
 		srv.Shutdown(context.Background())
 	}
 }
+
+// countingReader counts the bytes read through it.
+type countingReader struct {
+	r io.Reader
+	n *int
+}
+
+func (c countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	*c.n += n
+	return n, err
+}
+
+// A bulk payload passes the buffered reader by once what it read ahead is
+// used up, whatever the parts it is read in (a write in place reads one
+// per device page): only what br had already taken in is copied through
+// it. Small payloads still come through br with the requests behind them.
+func TestReadPayloadBypassesBuffer(t *testing.T) {
+	const bufSize = 128 << 10
+	for _, tc := range []struct {
+		name        string
+		payload     int
+		parts       int // the payload is read in parts of this size
+		viaBrAtMost int
+	}{
+		{"1MiB in 64KiB pages", 1 << 20, 64 << 10, bufSize},
+		{"1MiB in 4KiB pieces", 1 << 20, 4 << 10, bufSize},
+		{"1MiB whole", 1 << 20, 1 << 20, bufSize},
+		{"small", 4 << 10, 4 << 10, 4<<10 + 2*32},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			payload := make([]byte, tc.payload)
+			for i := range payload {
+				payload[i] = byte(i*7 + i>>12)
+			}
+			hdr := bytes.Repeat([]byte{0xa5}, 32)
+			stream := append(append(append([]byte{}, hdr...), payload...), hdr...)
+			// A socket hands out at most what has arrived: 64 KiB at a time.
+			under := &chunkReader{b: stream, max: 64 << 10}
+			var viaBr, direct int
+			c := &serverConn{
+				br:  bufio.NewReaderSize(countingReader{under, &viaBr}, bufSize),
+				src: countingReader{under, &direct},
+			}
+			got := make([]byte, 32)
+			if _, err := io.ReadFull(c.br, got); err != nil || !bytes.Equal(got, hdr) {
+				t.Fatalf("first header: %v", err)
+			}
+			dst := make([]byte, tc.payload)
+			for off := 0; off < tc.payload; off += tc.parts {
+				if err := c.readPayload(dst[off:off+tc.parts], uint64(tc.payload-off)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if !bytes.Equal(dst, payload) {
+				t.Fatal("payload read back differs")
+			}
+			if _, err := io.ReadFull(c.br, got); err != nil || !bytes.Equal(got, hdr) {
+				t.Fatalf("the header after the payload: %v (stream out of step)", err)
+			}
+			if viaBr > tc.viaBrAtMost {
+				t.Errorf("%d bytes went through the buffered reader, want at most %d (direct %d)", viaBr, tc.viaBrAtMost, direct)
+			}
+		})
+	}
+}
+
+// chunkReader returns b at most max bytes per Read.
+type chunkReader struct {
+	b   []byte
+	max int
+}
+
+func (r *chunkReader) Read(p []byte) (int, error) {
+	if len(r.b) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), r.max)], r.b)
+	r.b = r.b[n:]
+	return n, nil
+}
