@@ -140,6 +140,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		s.mu.Unlock()
 	}()
 
+	tuneListener(ln)
 	var backoff time.Duration
 	for {
 		conn, err := ln.Accept()
@@ -162,8 +163,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		backoff = 0
 		if tc, ok := conn.(*net.TCPConn); ok {
-			// Replies are written whole; Nagle would only add latency.
-			_ = tc.SetNoDelay(true)
+			tuneTCP(tc)
 		}
 		if !s.ServeConn(ctx, conn) {
 			return ErrServerClosed
