@@ -6,6 +6,10 @@
 #
 #   hack/bench-vs-nbdkit.sh            # both transports, 3 rounds (medians)
 #   ROUNDS=1 TRANSPORTS=unix hack/bench-vs-nbdkit.sh
+#   ROUNDS=15 TRANSPORTS=tcp COPIES= FIO_JOBS="randread 4k 32" hack/bench-vs-nbdkit.sh
+#
+# COPIES lists the nbdcopy connection counts and FIO_JOBS the fio jobs
+# ("rw bs depth", comma-separated), so one figure can get many rounds.
 #
 # Each round measures csi-nbd then nbdkit for one figure before moving on,
 # so drift on a shared machine hits both alike.
@@ -16,6 +20,8 @@ ROUNDS=${ROUNDS:-3}
 TRANSPORTS=${TRANSPORTS:-"tcp unix"}
 MIB=${MIB:-1024}           # volume and copy size in MiB
 RUNTIME=${RUNTIME:-5}
+COPIES=${COPIES-"1 4"}
+FIO_JOBS=${FIO_JOBS-"randread 4k 1,randread 4k 4,randread 4k 8,randread 4k 32,write 1m 8"}
 for t in nbdkit nbdcopy fio python3; do
   command -v "$t" >/dev/null || { echo "missing $t (run hack/deps.sh)" >&2; exit 1; }
 done
@@ -73,10 +79,17 @@ print(round(d["iops"]), round(d["bw_bytes"] / 1e6, 1), round(p["50.000000"] / 1e
 PY
 }
 
+# Reads must find data: an unwritten csi-nbd volume answers with holes and
+# no payload, which would flatter it. The copies below rewrite it anyway.
+for tr in $TRANSPORTS; do
+  nbdcopy "$work/data" "$(uri csi "$tr")"
+  nbdcopy "$work/data" "$(uri kit "$tr")"
+done
+
 table_header 44
 
 for tr in $TRANSPORTS; do
-  for conns in 1 4; do
+  for conns in $COPIES; do
     for dir in write read; do
       c=(); k=()
       for _ in $(seq "$ROUNDS"); do
@@ -86,7 +99,8 @@ for tr in $TRANSPORTS; do
       row "$tr nbdcopy seq $dir ${MIB} MiB, $conns conn (MB/s)" "${c[@]}" -- "${k[@]}"
     done
   done
-  for job in "randread 4k 1" "randread 4k 4" "randread 4k 8" "randread 4k 32" "write 1m 8"; do
+  IFS=, read -ra jobs <<<"$FIO_JOBS"
+  for job in "${jobs[@]}"; do
     set -- $job
     ci=(); ki=(); cp50=(); kp50=(); cp99=(); kp99=(); cbw=(); kbw=()
     for _ in $(seq "$ROUNDS"); do

@@ -9,7 +9,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-median() { ${PY:-python3} -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+median() { ${PY:-python3} -c 'import statistics,sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.6g}")' "$@"; }
 ratio() { ${PY:-python3} -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}x' if b else 'n/a')" "$1" "$2"; }
 
 # table_header WIDTH prints the header of a csi-nbd/nbdkit table whose
@@ -28,4 +28,9 @@ row() { # name csi-values... -- kit-values...
   local cm km
   cm=$(median "${c[@]}"); km=$(median "${k[@]}")
   printf "%-${ROW_WIDTH}s %12s %12s %8s\n" "$name" "$cm" "$km" "$(ratio "$cm" "$km")"
+  # ROUND_RATIOS=1 adds each round's own ratio (csi-nbd and nbdkit of one
+  # round were measured back to back), to show the spread behind a median.
+  if [ -n "${ROUND_RATIOS:-}" ]; then
+    ${PY:-python3} -c 'import sys; n=len(sys.argv)//2; print("    rounds:", " ".join(f"{float(a)/float(b):.2f}" if float(b) else "n/a" for a,b in zip(sys.argv[1:n+1], sys.argv[n+1:])))' "${c[@]}" "${k[@]}"
+  fi
 }
