@@ -12,36 +12,46 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// congestionOf reads the congestion control algorithm of tc's socket.
-func congestionOf(t *testing.T, tc syscall.Conn) string {
+// onFD runs f on s's descriptor.
+func onFD(t *testing.T, s syscall.Conn, f func(fd int)) {
 	t.Helper()
-	rc, err := tc.SyscallConn()
+	rc, err := s.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var name string
-	var gerr error
-	if err := rc.Control(func(fd uintptr) {
-		name, gerr = unix.GetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION)
-	}); err != nil {
+	if err := rc.Control(func(fd uintptr) { f(int(fd)) }); err != nil {
 		t.Fatal(err)
 	}
-	if gerr != nil {
-		t.Fatal(gerr)
+}
+
+// congestionOf reads the congestion control algorithm of a TCP socket.
+func congestionOf(t *testing.T, s syscall.Conn) string {
+	t.Helper()
+	var name string
+	var err error
+	onFD(t, s, func(fd int) { name, err = unix.GetsockoptString(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION) })
+	if err != nil {
+		t.Fatal(err)
 	}
 	return strings.TrimRight(name, "\x00")
 }
 
-// acceptedPair connects to a listener on addr and returns the accepted end.
-func acceptedPair(t *testing.T, network, laddr, dial string) *net.TCPConn {
+// listenLoopback listens on a free port of host, or skips if host has no
+// such address here (an IPv6-less machine).
+func listenLoopback(t *testing.T, network, host string) net.Listener {
 	t.Helper()
-	ln, err := net.Listen(network, laddr)
+	ln, err := net.Listen(network, net.JoinHostPort(host, "0"))
 	if err != nil {
-		t.Skipf("listen %s: %v", laddr, err)
+		t.Skipf("listen on %s: %v", host, err)
 	}
-	defer ln.Close()
-	_, port, _ := net.SplitHostPort(ln.Addr().String())
-	c, err := net.Dial(network, net.JoinHostPort(dial, port))
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// connect dials ln and returns the end ln accepts.
+func connect(t *testing.T, ln net.Listener) *net.TCPConn {
+	t.Helper()
+	c, err := net.Dial(ln.Addr().Network(), ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,20 +64,22 @@ func acceptedPair(t *testing.T, network, laddr, dial string) *net.TCPConn {
 	return s.(*net.TCPConn)
 }
 
-// A connection from this host gets the loopback congestion control, a
-// connection from elsewhere keeps the system's.
+var loopbacks = []struct{ network, host string }{{"tcp4", "127.0.0.1"}, {"tcp6", "::1"}}
+
+// An accepted connection from this host gets the loopback congestion
+// control (and TCP_NODELAY).
 func TestTuneTCPLoopbackCongestion(t *testing.T) {
-	for _, tc := range []struct{ network, addr string }{{"tcp4", "127.0.0.1"}, {"tcp6", "::1"}} {
-		t.Run(tc.addr, func(t *testing.T) {
-			s := acceptedPair(t, tc.network, net.JoinHostPort(tc.addr, "0"), tc.addr)
-			if !isLoopbackConn(s) {
-				t.Fatalf("%v <- %v: not taken for loopback", s.LocalAddr(), s.RemoteAddr())
-			}
+	for _, lo := range loopbacks {
+		t.Run(lo.host, func(t *testing.T) {
+			s := connect(t, listenLoopback(t, lo.network, lo.host))
 			tuneTCP(s)
 			if got := congestionOf(t, s); got != loopbackCongestion {
 				t.Errorf("congestion control %q, want %q", got, loopbackCongestion)
 			}
-			if nd, err := unix.GetsockoptInt(sockFD(t, s), unix.IPPROTO_TCP, unix.TCP_NODELAY); err != nil || nd == 0 {
+			var nd int
+			var err error
+			onFD(t, s, func(fd int) { nd, err = unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY) })
+			if err != nil || nd == 0 {
 				t.Errorf("TCP_NODELAY %d, %v: want it set", nd, err)
 			}
 		})
@@ -77,25 +89,11 @@ func TestTuneTCPLoopbackCongestion(t *testing.T) {
 // Connections a loopback listener accepts start with the loopback
 // congestion control (so they never pace), before anything is set on them.
 func TestTuneListenerLoopback(t *testing.T) {
-	for _, tc := range []struct{ network, addr string }{{"tcp4", "127.0.0.1"}, {"tcp6", "::1"}} {
-		t.Run(tc.addr, func(t *testing.T) {
-			ln, err := net.Listen(tc.network, net.JoinHostPort(tc.addr, "0"))
-			if err != nil {
-				t.Skipf("listen: %v", err)
-			}
-			defer ln.Close()
+	for _, lo := range loopbacks {
+		t.Run(lo.host, func(t *testing.T) {
+			ln := listenLoopback(t, lo.network, lo.host)
 			tuneListener(ln)
-			c, err := net.Dial(tc.network, ln.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			s, err := ln.Accept()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer s.Close()
-			if got := congestionOf(t, s.(*net.TCPConn)); got != loopbackCongestion {
+			if got := congestionOf(t, connect(t, ln)); got != loopbackCongestion {
 				t.Errorf("accepted connection's congestion control %q, want %q", got, loopbackCongestion)
 			}
 		})
@@ -152,7 +150,7 @@ func TestServeTunesTCP(t *testing.T) {
 	// serve runs a server on ln until the test ends and connects to it,
 	// returning once the server has greeted the client: by then it has
 	// tuned both.
-	serve := func(t *testing.T, ln net.Listener, addr string) {
+	serve := func(t *testing.T, ln net.Listener) {
 		srv, err := NewServer(ServerConfig{Exports: staticExports{}})
 		if err != nil {
 			t.Fatal(err)
@@ -167,51 +165,32 @@ func TestServeTunesTCP(t *testing.T) {
 			}
 			<-done
 		})
-		c, err := net.Dial("tcp", addr)
+		c, err := net.Dial("tcp", ln.Addr().String())
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
+		// Kept open: the server ends a connection whose client is gone.
+		t.Cleanup(func() { c.Close() })
 		greeting := make([]byte, 8)
 		if _, err := io.ReadFull(c, greeting); err != nil || string(greeting) != "NBDMAGIC" {
 			t.Fatalf("greeting %q, %v", greeting, err)
 		}
 	}
 	t.Run("listener", func(t *testing.T) {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		serve(t, ln, ln.Addr().String())
+		ln := listenLoopback(t, "tcp4", "127.0.0.1")
+		serve(t, ln)
 		if got := congestionOf(t, ln.(*net.TCPListener)); got != loopbackCongestion {
 			t.Errorf("listener's congestion control %q, want %q", got, loopbackCongestion)
 		}
 	})
 	t.Run("accepted", func(t *testing.T) {
 		// A wrapped listener is not tuned: what it accepts still is.
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
+		ln := listenLoopback(t, "tcp4", "127.0.0.1")
 		cl := capListener{ln, make(chan net.Conn, 1)}
-		serve(t, cl, ln.Addr().String())
+		serve(t, cl)
 		s := (<-cl.conns).(*net.TCPConn)
 		if got := congestionOf(t, s); got != loopbackCongestion {
 			t.Errorf("accepted connection's congestion control %q, want %q", got, loopbackCongestion)
 		}
 	})
-}
-
-// sockFD returns tc's descriptor, for getsockopt (valid while tc is open).
-func sockFD(t *testing.T, tc *net.TCPConn) int {
-	t.Helper()
-	rc, err := tc.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var fd int
-	if err := rc.Control(func(f uintptr) { fd = int(f) }); err != nil {
-		t.Fatal(err)
-	}
-	return fd
 }
