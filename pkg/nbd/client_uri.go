@@ -89,7 +89,8 @@ func ParseURI(uri string) (network, address, export string, tls bool, err error)
 // names the export (overriding cfg.ExportName). TLS is used if the scheme
 // is nbds:// or nbds+unix://, or if cfg.TLS is set; an nbds URI without
 // cfg.TLS uses a default tls.Config. For TCP, an empty ServerName is set
-// to the URI's host, and TCP_NODELAY is enabled.
+// to the URI's host, TCP_NODELAY is enabled, and a server on this host is
+// reached with the loopback congestion control (see loopbackCongestion).
 func Dial(ctx context.Context, uri string, cfg ClientConfig) (*Client, error) {
 	network, address, export, useTLS, err := ParseURI(uri)
 	if err != nil {
@@ -103,7 +104,7 @@ func Dial(ctx context.Context, uri string, cfg ClientConfig) (*Client, error) {
 		cfg.TLS = cfg.TLS.Clone()
 		cfg.TLS.ServerName, _, _ = net.SplitHostPort(address)
 	}
-	var d net.Dialer
+	d := net.Dialer{Control: loopbackDialControl}
 	conn, err := d.DialContext(ctx, network, address)
 	if err != nil {
 		return nil, fmt.Errorf("nbd: dial %s: %w", uri, err)

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"net"
+	"net/netip"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -53,6 +54,24 @@ func isLoopbackConn(c net.Conn) bool {
 	l, lok := c.LocalAddr().(*net.TCPAddr)
 	r, rok := c.RemoteAddr().(*net.TCPAddr)
 	return lok && rok && l.IP.IsLoopback() && r.IP.IsLoopback()
+}
+
+// loopbackDialControl is a net.Dialer's Control: a TCP connection to a
+// loopback address gets the loopback congestion control before it
+// connects, so it never starts pacing and its writes arrive in order. An
+// nbd:// volume on nbdkit memory at 127.0.0.1, written with nbdcopy
+// through csi-nbd serve: 35-83 fast retransmits per GiB -> none, 0.8-1.0
+// -> 0.86-1.1 GB/s.
+func loopbackDialControl(network, address string, rc syscall.RawConn) error {
+	if network != "tcp4" && network != "tcp6" {
+		return nil
+	}
+	if ap, err := netip.ParseAddrPort(address); err != nil || !ap.Addr().Unmap().IsLoopback() {
+		return nil
+	}
+	return rc.Control(func(fd uintptr) {
+		_ = unix.SetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION, loopbackCongestion)
+	})
 }
 
 // setCongestion sets the congestion control algorithm of a TCP socket.

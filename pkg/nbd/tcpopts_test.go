@@ -194,3 +194,30 @@ func TestServeTunesTCP(t *testing.T) {
 		}
 	})
 }
+
+// The client reaches a server on this host with the loopback congestion
+// control from the start; other addresses are left alone.
+func TestLoopbackDialControl(t *testing.T) {
+	for _, lo := range loopbacks {
+		t.Run(lo.host, func(t *testing.T) {
+			ln := listenLoopback(t, lo.network, lo.host)
+			d := net.Dialer{Control: loopbackDialControl}
+			c, err := d.Dial(lo.network, ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if got := congestionOf(t, c.(*net.TCPConn)); got != loopbackCongestion {
+				t.Errorf("dialled connection's congestion control %q, want %q", got, loopbackCongestion)
+			}
+		})
+	}
+	// Not loopback, or not TCP: nothing is done (a nil RawConn would panic).
+	for _, a := range []struct{ network, address string }{
+		{"tcp4", "192.0.2.7:10809"}, {"tcp6", "[2001:db8::1]:10809"}, {"unix", "/run/x.sock"}, {"tcp4", "bogus"},
+	} {
+		if err := loopbackDialControl(a.network, a.address, nil); err != nil {
+			t.Errorf("%s %s: %v", a.network, a.address, err)
+		}
+	}
+}
