@@ -35,7 +35,7 @@ const loopbackCongestion = "reno"
 func tuneListener(ln net.Listener) {
 	if tl, ok := ln.(*net.TCPListener); ok {
 		if a, ok := tl.Addr().(*net.TCPAddr); ok && a.IP.IsLoopback() {
-			_ = setCongestion(tl, loopbackCongestion) // a failure leaves the default, which works
+			setLoopbackCongestion(tl)
 		}
 	}
 }
@@ -45,7 +45,7 @@ func tuneTCP(tc *net.TCPConn) {
 	// Replies are written whole; Nagle would only add latency.
 	_ = tc.SetNoDelay(true)
 	if isLoopbackConn(tc) {
-		_ = setCongestion(tc, loopbackCongestion) // as for the listener
+		setLoopbackCongestion(tc)
 	}
 }
 
@@ -66,25 +66,23 @@ func loopbackDialControl(network, address string, rc syscall.RawConn) error {
 	if network != "tcp4" && network != "tcp6" {
 		return nil
 	}
-	if ap, err := netip.ParseAddrPort(address); err != nil || !ap.Addr().Unmap().IsLoopback() {
-		return nil
+	if ap, err := netip.ParseAddrPort(address); err == nil && ap.Addr().Unmap().IsLoopback() {
+		setLoopbackCongestionRaw(rc)
 	}
-	return rc.Control(func(fd uintptr) {
-		_ = unix.SetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION, loopbackCongestion)
-	})
+	return nil
 }
 
-// setCongestion sets the congestion control algorithm of a TCP socket.
-func setCongestion(s syscall.Conn, name string) error {
-	rc, err := s.SyscallConn()
-	if err != nil {
-		return err
+// setLoopbackCongestion gives s's socket the loopback congestion control.
+func setLoopbackCongestion(s syscall.Conn) {
+	if rc, err := s.SyscallConn(); err == nil {
+		setLoopbackCongestionRaw(rc)
 	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		serr = unix.SetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION, name)
-	}); err != nil {
-		return err
-	}
-	return serr
+}
+
+// setLoopbackCongestionRaw sets the loopback congestion control on rc's
+// socket. A failure leaves the system's, which works, only slower.
+func setLoopbackCongestionRaw(rc syscall.RawConn) {
+	_ = rc.Control(func(fd uintptr) {
+		_ = unix.SetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION, loopbackCongestion)
+	})
 }
