@@ -255,10 +255,7 @@ func (m *outMsg) simple(cookie uint64, errno uint32) {
 // extended writes an extended reply header (NBD_OPT_EXTENDED_HEADERS):
 // off is the request's offset, echoed as proto.md requires.
 func (m *outMsg) extended(cookie, off uint64, flags, typ uint16, length uint64) {
-	binary.BigEndian.PutUint32(m.hdr[0:], extendedReplyMagic)
-	binary.BigEndian.PutUint16(m.hdr[4:], flags)
-	binary.BigEndian.PutUint16(m.hdr[6:], typ)
-	binary.BigEndian.PutUint64(m.hdr[8:], cookie)
+	m.chunkHead(extendedReplyMagic, flags, typ, cookie)
 	binary.BigEndian.PutUint64(m.hdr[16:], off)
 	binary.BigEndian.PutUint64(m.hdr[24:], length)
 	m.hn = extendedHeaderSize
@@ -267,10 +264,16 @@ func (m *outMsg) extended(cookie, off uint64, flags, typ uint16, length uint64) 
 // chunk writes a structured chunk header for a payload of length bytes;
 // extra header bytes (an offset, an error code) follow in hdr.
 func (m *outMsg) chunk(cookie uint64, flags, typ uint16, length uint32) {
-	binary.BigEndian.PutUint32(m.hdr[0:], structuredMagic)
+	m.chunkHead(structuredMagic, flags, typ, cookie)
+	binary.BigEndian.PutUint32(m.hdr[16:], length)
+	m.hn = structuredHeaderSize
+}
+
+// chunkHead writes the 16 bytes structured and extended chunk headers
+// begin alike with.
+func (m *outMsg) chunkHead(magic uint32, flags, typ uint16, cookie uint64) {
+	binary.BigEndian.PutUint32(m.hdr[0:], magic)
 	binary.BigEndian.PutUint16(m.hdr[4:], flags)
 	binary.BigEndian.PutUint16(m.hdr[6:], typ)
 	binary.BigEndian.PutUint64(m.hdr[8:], cookie)
-	binary.BigEndian.PutUint32(m.hdr[16:], length)
-	m.hn = structuredHeaderSize
 }
