@@ -9,7 +9,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-median() { ${PY:-python3} -c 'import statistics,sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.6g}")' "$@"; }
+median() { ${PY:-python3} -c 'import statistics,sys; m=statistics.median(float(x) for x in sys.argv[1:]); print(int(m) if m == int(m) else round(m, 4))' "$@"; }
 ratio() { ${PY:-python3} -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}x' if b else 'n/a')" "$1" "$2"; }
 
 # table_header WIDTH prints the header of a csi-nbd/nbdkit table whose
