@@ -140,7 +140,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		s.mu.Unlock()
 	}()
 
-	tuneListener(ln)
+	inherited := tuneListener(ln)
 	var backoff time.Duration
 	for {
 		conn, err := ln.Accept()
@@ -163,7 +163,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		backoff = 0
 		if tc, ok := conn.(*net.TCPConn); ok {
-			tuneTCP(tc)
+			tuneTCP(tc, inherited)
 		}
 		if !s.ServeConn(ctx, conn) {
 			return ErrServerClosed

@@ -91,9 +91,7 @@ func newSpinReader(c net.Conn) *spinReader {
 	}
 	if tc, ok := c.(*net.TCPConn); ok {
 		r.rc, _ = tc.SyscallConn()
-		if a, ok := tc.RemoteAddr().(*net.TCPAddr); ok && a.IP.IsLoopback() {
-			r.local = true
-		}
+		r.local = isLoopbackConn(tc)
 	}
 	return r
 }

@@ -31,20 +31,24 @@ import (
 // it seldom waits: 4.1-4.3 and 3.4 GB/s). fio's 4k reads are unchanged.
 const loopbackCongestion = "reno"
 
-// tuneListener prepares a listener before it accepts anything.
-func tuneListener(ln net.Listener) {
+// tuneListener prepares a listener before it accepts anything, and
+// tells whether what it accepts inherits the loopback congestion control.
+func tuneListener(ln net.Listener) bool {
 	if tl, ok := ln.(*net.TCPListener); ok {
 		if a, ok := tl.Addr().(*net.TCPAddr); ok && a.IP.IsLoopback() {
 			setLoopbackCongestion(tl)
+			return true
 		}
 	}
+	return false
 }
 
-// tuneTCP sets what the server wants of an accepted TCP connection.
-func tuneTCP(tc *net.TCPConn) {
+// tuneTCP sets what the server wants of an accepted TCP connection;
+// inherited: it has the loopback congestion control from its listener.
+func tuneTCP(tc *net.TCPConn, inherited bool) {
 	// Replies are written whole; Nagle would only add latency.
 	_ = tc.SetNoDelay(true)
-	if isLoopbackConn(tc) {
+	if !inherited && isLoopbackConn(tc) {
 		setLoopbackCongestion(tc)
 	}
 }

@@ -87,7 +87,7 @@ func TestTuneTCPLoopbackCongestion(t *testing.T) {
 	for _, lo := range loopbacks {
 		t.Run(lo.host, func(t *testing.T) {
 			s := connect(t, listenLoopback(t, lo.network, lo.host))
-			tuneTCP(s)
+			tuneTCP(s, false)
 			if got := congestionOf(t, s); got != loopbackCongestion {
 				t.Errorf("congestion control %q, want %q", got, loopbackCongestion)
 			}
@@ -108,7 +108,9 @@ func TestTuneListenerLoopback(t *testing.T) {
 	for _, lo := range loopbacks {
 		t.Run(lo.host, func(t *testing.T) {
 			ln := listenLoopback(t, lo.network, lo.host)
-			tuneListener(ln)
+			if !tuneListener(ln) {
+				t.Error("a loopback listener was not tuned")
+			}
 			if got := congestionOf(t, connect(t, ln)); got != loopbackCongestion {
 				t.Errorf("accepted connection's congestion control %q, want %q", got, loopbackCongestion)
 			}
