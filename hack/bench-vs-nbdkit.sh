@@ -10,8 +10,8 @@
 #
 # COPIES lists the nbdcopy connection counts and FIO_JOBS the fio jobs
 # ("rw bs depth", comma-separated), so one figure can get many rounds.
-# ROUND_RATIOS=1 prints each round's ratio under a median, ROUND_VALUES=1
-# each round's figures above it.
+# Under each median, ROUND_RATIOS=1 prints each round's ratio and
+# ROUND_VALUES=1 each round's figures.
 #
 # Each round measures csi-nbd then nbdkit for one figure before moving on,
 # so drift on a shared machine hits both alike.

@@ -26,11 +26,11 @@ row() { # name csi-values... -- kit-values...
     if [ $side = c ]; then c+=("$v"); else k+=("$v"); fi
   done
   local cm km
-  # ROUND_VALUES=1 shows the raw figures behind the medians, in round
-  # order, so a slow round of one server can be told from a slow host.
-  if [ -n "${ROUND_VALUES:-}" ]; then echo "    csi-nbd: ${c[*]}"; echo "    nbdkit:  ${k[*]}"; fi
   cm=$(median "${c[@]}"); km=$(median "${k[@]}")
   printf "%-${ROW_WIDTH}s %12s %12s %8s\n" "$name" "$cm" "$km" "$(ratio "$cm" "$km")"
+  # ROUND_VALUES=1 adds the figures behind the medians, in round order, so
+  # a slow round of one server can be told from a slow host.
+  if [ -n "${ROUND_VALUES:-}" ]; then echo "    csi-nbd: ${c[*]}"; echo "    nbdkit:  ${k[*]}"; fi
   # ROUND_RATIOS=1 adds each round's own ratio (csi-nbd and nbdkit of one
   # round were measured back to back), to show the spread behind a median.
   if [ -n "${ROUND_RATIOS:-}" ]; then
