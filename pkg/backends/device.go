@@ -60,6 +60,27 @@ type Lender interface {
 	Lend(off, length uint64, dst [][]byte) (vec [][]byte, zero bool, err error)
 }
 
+// PageGivingDevice is implemented by devices whose pages can be handed to
+// the kernel by reference (vmsplice(2)), for a client to copy straight
+// from them. Each client (connection) gets its own PageGiver. consumed
+// reports whether that client has read everything given so far; it must
+// not block, and may be called from any goroutine until the giver's
+// Close. Filters do not forward it, as they do not forward Lend.
+type PageGivingDevice interface {
+	NewGiver(consumed func() bool) PageGiver
+}
+
+// PageGiver gives one client a device's pages.
+type PageGiver interface {
+	// GiveRead calls give with the pieces of [off, off+length) in
+	// order; give must not block. Pieces with byRef may be passed to
+	// the kernel by reference: the device keeps them as they are until
+	// the client has read them. Others must be copied.
+	GiveRead(off, length uint64, give func(b []byte, byRef bool) error) error
+	// Close ends the giving, asking consumed one last time.
+	Close()
+}
+
 // Caps are the capabilities a device answers for; a filter may turn one off
 // for everything beneath it (nbdkit's can_* questions).
 type Caps struct {

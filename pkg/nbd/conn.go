@@ -270,6 +270,9 @@ func (c *serverConn) transmit(ctx context.Context, exp *Export) {
 	// 3.6-3.9 GB/s. (Not after STARTTLS: the TLS layer writes.)
 	if c.spin.enabled {
 		c.out.useRaw(c.spin.rc)
+		if gd, ok := exp.Device.(backends.PageGivingDevice); ok && c.lender != nil && c.spin.unix {
+			c.out.useGive(gd, c.spin.rc) // see give.go
+		}
 	}
 	c.out.release = c.mem.Release
 	log.V(2).Info("NBD transmission started", "size", c.size, "structured", c.structured, "extended", c.extended)
@@ -285,6 +288,7 @@ func (c *serverConn) transmit(ctx context.Context, exp *Export) {
 		c.conn.Close()
 	}
 	c.inflight.Wait()
+	c.out.give.close() // nothing writes any more
 	close(c.reqs)
 	switch {
 	case graceful:
@@ -792,6 +796,12 @@ func (c *serverConn) read(r *request) {
 			return
 		}
 		m.vec = vec
+		if c.out.give != nil && !zero && r.length >= giveMin {
+			// By reference, when the writer gets to it (give.go).
+			putVec(vec)
+			m.vec = nil
+			m.given, m.goff, m.glen = true, r.off, r.length
+		}
 	} else {
 		buf := getBuf(int(r.length))
 		if err := c.dev.ReadAt(c.ctx, *buf, r.off); err != nil {

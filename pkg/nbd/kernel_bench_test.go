@@ -32,3 +32,6 @@ func BenchmarkKernelRead4KQD1(b *testing.B)   { benchKernel(b, CmdRead, 4096, 1)
 func BenchmarkKernelRead4KQD32(b *testing.B)  { benchKernel(b, CmdRead, 4096, 32) }
 func BenchmarkKernelWrite4KQD32(b *testing.B) { benchKernel(b, CmdWrite, 4096, 32) }
 func BenchmarkKernelWrite1MQD8(b *testing.B)  { benchKernel(b, CmdWrite, 1<<20, 8) }
+
+// Large reads go to the socket by reference (give.go).
+func BenchmarkKernelRead1MQD8(b *testing.B) { benchKernel(b, CmdRead, 1<<20, 8) }

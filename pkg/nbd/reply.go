@@ -15,12 +15,16 @@ import (
 // its payload buffer until written, then returns it to the pool and gives
 // its bytes back to the connection's memory budget.
 type outMsg struct {
-	hdr    [48]byte // the longest: an extended header and a hole chunk's 12 bytes
-	hn     uint8
-	data   []byte
-	vec    *[][]byte // payload lent by the device, after data
-	pooled *[]byte
-	weight int64
+	hdr  [48]byte // the longest: an extended header and a hole chunk's 12 bytes
+	hn   uint8
+	data []byte
+	vec  *[][]byte // payload lent by the device, after data
+	// given: the payload is [goff, goff+glen) of the device, written by
+	// reference (see give.go) after the header.
+	given      bool
+	goff, glen uint64
+	pooled     *[]byte
+	weight     int64
 }
 
 // replyWriter serialises replies from many workers onto one connection.
@@ -38,6 +42,7 @@ type replyWriter struct {
 	rawBuf [][]byte // what rawFn has left to write
 	rawIov []syscall.Iovec
 	rawErr error
+	give   *giveState // set for devices whose reads go by reference
 
 	mu       sync.Mutex
 	pending  []outMsg // waiting to be written
@@ -89,7 +94,7 @@ func (rw *replyWriter) add(m *outMsg) bool {
 		return false
 	}
 	rw.pending = append(rw.pending, *m)
-	rw.queued += int(m.hn) + len(m.data)
+	rw.queued += int(m.hn) + len(m.data) + int(m.glen)
 	if m.vec != nil {
 		for _, b := range *m.vec {
 			rw.queued += len(b)
@@ -112,6 +117,7 @@ func (rw *replyWriter) writeLocked() {
 		rw.mu.Unlock()
 
 		iov := rw.iovBack[:0]
+		var err error
 		for i := range q {
 			iov = append(iov, q[i].hdr[:q[i].hn])
 			if len(q[i].data) > 0 {
@@ -120,13 +126,20 @@ func (rw *replyWriter) writeLocked() {
 			if q[i].vec != nil {
 				iov = append(iov, *q[i].vec...)
 			}
+			if q[i].given && err == nil {
+				// What precedes the payload first, then the payload.
+				if err = rw.writeRaw(iov); err == nil {
+					err = rw.writeGiven(q[i].goff, q[i].glen)
+				}
+				clear(iov)
+				iov = iov[:0]
+			}
 		}
 		rw.iovBack = iov
 		rw.iov = iov
-		var err error
-		if rw.raw != nil {
+		if err == nil && rw.raw != nil {
 			err = rw.writeRaw(iov)
-		} else {
+		} else if err == nil {
 			_, err = rw.iov.WriteTo(rw.w)
 		}
 		for i := range rw.iovBack {

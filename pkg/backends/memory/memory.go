@@ -256,5 +256,9 @@ func (d *Device) Extents(_ context.Context, off, length uint64, add func(backend
 
 func (d *Device) Cache(context.Context, uint64, uint64) error { return nil }
 
-// Close does nothing: the memory goes when the last reference does.
-func (d *Device) Close() error { return nil }
+// Close retires the pages the kernel may still hold (see given.go); the
+// memory goes when the last reference does.
+func (d *Device) Close() error {
+	d.t.close()
+	return nil
+}

@@ -320,6 +320,9 @@ func TestConcurrent(t *testing.T) {
 	d := New(workers * chunk * 4)
 	var wg sync.WaitGroup
 	for w := range workers {
+		// Pages given by reference and then changed by neighbours are
+		// copied on write: a worker's own bytes must survive that.
+		gv, give, drain, _ := pipeGive(t, d)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -331,9 +334,22 @@ func TestConcurrent(t *testing.T) {
 				for i := range mine {
 					mine[i] = byte(rng.UintN(256))
 				}
-				if err := d.WriteAt(ctx, mine, off, false); err != nil {
-					t.Error(err)
-					return
+				if r%2 == 0 {
+					if err := d.WriteAt(ctx, mine, off, false); err != nil {
+						t.Error(err)
+						return
+					}
+				} else {
+					vec, err := d.BorrowWrite(off, chunk, nil)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					p := mine
+					for _, b := range vec {
+						p = p[copy(b, p):]
+					}
+					d.CommitWrite(off, chunk)
 				}
 				if err := d.ReadAt(ctx, got, off); err != nil || !bytes.Equal(got, mine) {
 					t.Errorf("worker %d round %d: read back differs (%v)", w, r, err)
@@ -351,6 +367,15 @@ func TestConcurrent(t *testing.T) {
 					}
 				case 1:
 					_ = d.Extents(ctx, 0, d.Size(), func(backends.Extent) {})
+				case 2:
+					if err := gv.GiveRead(off, chunk, give); err != nil {
+						t.Error(err)
+						return
+					}
+					if g := drain(); !bytes.Equal(g, mine) {
+						t.Errorf("worker %d round %d: given bytes differ", w, r)
+						return
+					}
 				}
 			}
 		}()

@@ -46,7 +46,12 @@ type stripe struct {
 	// (borrow … commit). While any is, nothing frees a page of the
 	// stripe for being all zeros: the borrower fills it without the lock.
 	pinned int32
-	_      [64 - (unsafe.Sizeof(sync.RWMutex{})+4)%64]byte
+	// given holds the stripe's pages given to the kernel, with their
+	// indices (see given.go). It changes under the read lock (gmu
+	// orders the givers) or the write lock.
+	gmu   sync.Mutex
+	given map[*page]mark
+	_     [64 - (unsafe.Sizeof(sync.RWMutex{})+8+unsafe.Sizeof(sync.Mutex{})+8)%64]byte
 }
 
 // zeroPage is compared against to detect all-zero data, and stands in for
@@ -60,6 +65,7 @@ type table struct {
 	top    []atomic.Pointer[mid] // covers capacity bytes, at least the size
 	npages atomic.Uint64         // pages in the volume; the last mid may extend past them
 	locks  [stripes]stripe
+	giving giving // pages given to the kernel (given.go)
 }
 
 // growRoom is how large a volume can grow without rebuilding top: top
@@ -165,8 +171,14 @@ func (t *table) write(p []byte, pi, po uint64) {
 		t.makeSlot(pi).Store(pg)
 	case len(p) == pageSize && isZero(p):
 		s.Store(nil)
+		t.left(mu, pg)
 	default:
-		copy(pg[po:], p)
+		np := t.cow(mu, pg, len(p) == pageSize)
+		copy(np[po:], p)
+		if np != pg {
+			s.Store(np)
+			t.left(mu, pg)
+		}
 	}
 }
 
@@ -183,6 +195,12 @@ func (t *table) borrow(pi, po, n uint64) []byte {
 	if pg == nil {
 		pg = new(page)
 		s.Store(pg)
+	} else if np := t.cow(mu, pg, n == pageSize); np != pg {
+		// A failed fill leaves its range undefined, so a whole-page
+		// borrow need not copy the old bytes.
+		s.Store(np)
+		t.left(mu, pg)
+		pg = np
 	}
 	mu.pinned++
 	return pg[po : po+n]
@@ -206,6 +224,7 @@ func (t *table) commit(pi, po, n uint64) {
 	}
 	if pg := s.Load(); pg != nil && isZero(pg[po:po+n]) && isZero(pg[:]) {
 		s.Store(nil)
+		t.left(mu, pg)
 	}
 }
 
@@ -219,9 +238,16 @@ func (t *table) zeroPart(pi, po, n uint64) {
 	mu := t.lock(pi)
 	mu.Lock()
 	if pg := s.Load(); pg != nil {
-		clear(pg[po : po+n])
-		if mu.pinned == 0 && isZero(pg[:]) {
+		np := t.cow(mu, pg, false)
+		clear(np[po : po+n])
+		switch {
+		case mu.pinned == 0 && isZero(np[:]):
 			s.Store(nil)
+		case np != pg:
+			s.Store(np)
+		}
+		if s.Load() != pg {
+			t.left(mu, pg)
 		}
 	}
 	mu.Unlock()
@@ -231,6 +257,12 @@ func (t *table) zeroPart(pi, po, n uint64) {
 // range covers them. A write racing with the free may be lost, which is
 // fine: the two overlap, so either order is a valid outcome.
 func (t *table) free(pi, end uint64) {
+	start, dropped := pi, false
+	defer func() {
+		if dropped {
+			t.retireDropped(start, end)
+		}
+	}()
 	if end >= t.npages.Load() {
 		// Through the end of the volume: the tables' unused tail counts
 		// as covered, so a whole-volume trim frees every table.
@@ -247,6 +279,7 @@ func (t *table) free(pi, end uint64) {
 		}
 		if pi == midStart && end >= midEnd {
 			mp.Store(nil)
+			dropped = true
 			pi = midEnd
 			continue
 		}
@@ -260,6 +293,7 @@ func (t *table) free(pi, end uint64) {
 		}
 		if pi == leafStart && end >= leafEnd {
 			lp.Store(nil)
+			dropped = true
 			pi = leafEnd
 			continue
 		}
@@ -270,7 +304,10 @@ func (t *table) free(pi, end uint64) {
 			}
 			mu := t.lock(pi)
 			mu.Lock()
-			s.Store(nil)
+			if pg := s.Load(); pg != nil {
+				s.Store(nil)
+				t.left(mu, pg)
+			}
 			mu.Unlock()
 		}
 	}
