@@ -88,6 +88,7 @@ type Giver struct {
 	d        *Device
 	t        *table
 	consumed func() bool
+	gave     atomic.Bool // GiveRead has been called
 }
 
 var _ backends.PageGiver = (*Giver)(nil)
@@ -107,9 +108,9 @@ func (d *Device) NewGiver(consumed func() bool) backends.PageGiver {
 	return g
 }
 
-// Close ends the Giver. If its client may still hold pages (it has not
-// read everything), marks can never go stale again: changes to given
-// pages copy from then on.
+// Close ends the Giver. If its client may still hold pages (it was given
+// some and has not read everything), marks can never go stale again:
+// changes to given pages copy from then on.
 func (g *Giver) Close() {
 	gv := &g.t.giving
 	gv.mu.Lock()
@@ -118,7 +119,7 @@ func (g *Giver) Close() {
 		return
 	}
 	delete(gv.holders, g)
-	if !g.consumed() {
+	if g.gave.Load() && !g.consumed() {
 		gv.stuck = true
 	}
 }
@@ -131,6 +132,9 @@ func (g *Giver) Close() {
 func (g *Giver) GiveRead(off, length uint64, give func(b []byte, byRef bool) error) error {
 	if err := g.d.check(off, length); err != nil {
 		return err
+	}
+	if !g.gave.Load() {
+		g.gave.Store(true)
 	}
 	var err error
 	eachPage(off, length, func(pi, po, n uint64) {

@@ -340,7 +340,20 @@ func TestGiverLeavingUnreadSticks(t *testing.T) {
 	if err := gv.GiveRead(0, pageSize, give); err != nil {
 		t.Fatal(err)
 	}
+	// A client that was never given anything leaves unread data (copied
+	// replies, say) without consequence.
+	idle, copyTo, _, _ := pipeGive(t, d)
+	if err := copyTo([]byte("unread"), false); err != nil {
+		t.Fatal(err)
+	}
+	idle.Close()
+	if d.t.giving.stuck {
+		t.Fatal("a giver that gave nothing made marks stick")
+	}
 	gv.Close() // with the page unread
+	if !d.t.giving.stuck {
+		t.Fatal("a giver leaving with a page unread did not make marks stick")
+	}
 	p0 := d.t.current(0)
 	if err := d.WriteAt(ctx, []byte{1}, 0, false); err != nil {
 		t.Fatal(err)
