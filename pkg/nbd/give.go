@@ -46,10 +46,6 @@ const (
 	givePiece = 64 << 10
 )
 
-// givenBytes counts the payload bytes written by way of the pipe (tests
-// check that the path they cover is taken).
-var givenBytes atomic.Uint64
-
 // errPipeFull ends a give whose piece did not fit the pipe: what went in
 // is sent, and the rest given again.
 var errPipeFull = errors.New("pipe full")
@@ -65,7 +61,6 @@ type giveState struct {
 	// it stays valid, and keeps the socket, until close, even after
 	// the connection is closed.
 	probe  int
-	more   bool // more of the payload follows what the pipe holds
 	warmed byte // what warm read: kept, so the loads are too
 	err    error
 	giveFn func([]byte, bool) error
@@ -119,11 +114,13 @@ func (g *giveState) close() {
 // It is called under the device's lock of the page, so it never waits:
 // a full pipe ends it.
 func (g *giveState) vmsplice(b []byte, byRef bool) error {
+	if byRef {
+		g.warmed |= warm(b)
+	}
 	for len(b) > 0 {
 		var n int
 		var err error
 		if byRef {
-			g.warmed |= warm(b)
 			iov := []unix.Iovec{{Base: &b[0]}}
 			iov[0].SetLen(len(b))
 			n, err = unix.Vmsplice(g.pipe[1], iov, unix.SPLICE_F_NONBLOCK)
@@ -163,12 +160,10 @@ func (rw *replyWriter) writeGiven(off, length uint64) error {
 		if err != nil && (!errors.Is(err, errPipeFull) || got == 0) {
 			return fmt.Errorf("giving %d bytes at %d to the kernel: %w", n, off, err)
 		}
-		g.more = got < length
 		if err := rw.drainPipe(); err != nil {
 			return err
 		}
 		off, length = off+got, length-got
-		givenBytes.Add(got)
 	}
 	return nil
 }
@@ -190,11 +185,7 @@ func (rw *replyWriter) drainPipe() error {
 func (rw *replyWriter) spliceOut(fd uintptr) bool {
 	g := rw.give
 	for g.inPipe.Load() > 0 {
-		flags := unix.SPLICE_F_NONBLOCK | unix.SPLICE_F_MOVE
-		if g.more {
-			flags |= unix.SPLICE_F_MORE // no push between pieces
-		}
-		n, err := unix.Splice(g.pipe[0], nil, int(fd), nil, int(g.inPipe.Load()), flags)
+		n, err := unix.Splice(g.pipe[0], nil, int(fd), nil, int(g.inPipe.Load()), unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
 		switch {
 		case err == syscall.EINTR:
 			continue

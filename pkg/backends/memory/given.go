@@ -86,7 +86,6 @@ type giving struct {
 // whose reading it can observe.
 type Giver struct {
 	d        *Device
-	t        *table
 	consumed func() bool
 	gave     atomic.Bool // GiveRead has been called
 }
@@ -97,7 +96,7 @@ var _ backends.PageGiver = (*Giver)(nil)
 // the client has read everything given so far: it must not block, and
 // may be called from any goroutine until Close.
 func (d *Device) NewGiver(consumed func() bool) backends.PageGiver {
-	g := &Giver{d: d, t: d.t, consumed: consumed}
+	g := &Giver{d: d, consumed: consumed}
 	gv := &d.t.giving
 	gv.mu.Lock()
 	if gv.holders == nil {
@@ -112,7 +111,7 @@ func (d *Device) NewGiver(consumed func() bool) backends.PageGiver {
 // some and has not read everything), marks can never go stale again:
 // changes to given pages copy from then on.
 func (g *Giver) Close() {
-	gv := &g.t.giving
+	gv := &g.d.t.giving
 	gv.mu.Lock()
 	defer gv.mu.Unlock()
 	if _, ok := gv.holders[g]; !ok {
@@ -139,35 +138,38 @@ func (g *Giver) GiveRead(off, length uint64, give func(b []byte, byRef bool) err
 	var err error
 	eachPage(off, length, func(pi, po, n uint64) {
 		if err == nil {
-			err = g.t.give(pi, po, n, give)
+			err = g.d.t.give(pi, po, n, give)
 		}
 	})
 	return err
 }
 
-// live tells whether pg, a page of mu's stripe, has a mark that is not
-// stale, dropping a stale one. Called with mu write-locked.
-func (t *table) live(mu *stripe, pg *page) (mark, bool) {
+// isLive tells whether a mark still counts: the kernel may hold its page.
+func (gv *giving) isLive(m mark) bool { return m.gen >= gv.validFrom.Load() }
+
+// live tells whether pg, a page of mu's stripe, has a live mark. Called
+// with mu write-locked.
+func (t *table) live(mu *stripe, pg *page) bool {
 	if !t.giving.any.Load() {
-		return mark{}, false
+		return false
 	}
 	mu.gmu.Lock()
-	defer mu.gmu.Unlock()
 	m, ok := mu.given[pg]
-	if ok && m.gen < t.giving.validFrom.Load() {
-		delete(mu.given, pg)
-		ok = false
-	}
-	return m, ok
+	mu.gmu.Unlock()
+	return ok && t.giving.isLive(m)
 }
 
-// left retires pg, just taken out of the table, if its mark is live.
-// Called with mu write-locked.
+// left drops the mark of pg, just taken out of the table, and retires pg
+// if the mark was live. Called with mu write-locked.
 func (t *table) left(mu *stripe, pg *page) {
-	if _, ok := t.live(mu, pg); ok {
-		mu.gmu.Lock()
-		delete(mu.given, pg)
-		mu.gmu.Unlock()
+	if !t.giving.any.Load() {
+		return
+	}
+	mu.gmu.Lock()
+	m, ok := mu.given[pg]
+	delete(mu.given, pg)
+	mu.gmu.Unlock()
+	if ok && t.giving.isLive(m) {
 		retire(pg)
 	}
 }
@@ -175,10 +177,10 @@ func (t *table) left(mu *stripe, pg *page) {
 // cow returns the page to change for a change to pg: pg itself, or if
 // the kernel may hold pg a copy (of its bytes unless whole: the change
 // overwrites them all), which the table must then hold instead (and call
-// left for pg). Called with mu write-locked.
+// left for pg). Called with mu write-locked, so pg's mark predates any
+// settling done here, which then makes it stale.
 func (t *table) cow(mu *stripe, pg *page, whole bool) *page {
-	m, ok := t.live(mu, pg)
-	if !ok || (t.settle() && m.gen < t.giving.validFrom.Load()) {
+	if !t.live(mu, pg) || t.settle() {
 		return pg
 	}
 	np := new(page)
@@ -256,7 +258,7 @@ func (t *table) retireDropped(pi, end uint64) {
 		for pg, m := range mu.given {
 			if m.pi >= pi && m.pi < end && t.current(m.pi) != pg {
 				delete(mu.given, pg)
-				if m.gen >= t.giving.validFrom.Load() {
+				if t.giving.isLive(m) {
 					retire(pg)
 				}
 			}
@@ -316,7 +318,9 @@ func (t *table) give(pi, po, n uint64, f func(b []byte, byRef bool) error) error
 	}
 	mu.given[pg] = mark{pi: pi, gen: g}
 	mu.gmu.Unlock()
-	gv.any.Store(true)
+	if !gv.any.Load() { // not a store per page: every connection reads it
+		gv.any.Store(true)
+	}
 	return f(pg[po:po+n], true)
 }
 
@@ -331,7 +335,7 @@ func (t *table) close() {
 		mu.Lock()
 		mu.gmu.Lock()
 		for pg, m := range mu.given {
-			if m.gen >= t.giving.validFrom.Load() {
+			if t.giving.isLive(m) {
 				retire(pg)
 			}
 		}
